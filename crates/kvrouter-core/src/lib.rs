@@ -1,0 +1,29 @@
+//! Pure, synchronous core of kvrouter: what the router computes, with no I/O.
+//!
+//! This crate holds the hot path of a KV-cache-aware router: bit-exact block
+//! hashing ([`hash`]), the event protocol that engines publish ([`protocols`]),
+//! and the prefix index over every worker's cached blocks ([`index`]) in its
+//! exact, approximate (TTL/prune) and concurrent (worker-sharded) forms.
+//! It has no tokio, no sockets and no global state: time is passed in as an
+//! [`std::time::Instant`], so everything here can be unit-tested, fuzzed and
+//! benchmarked in isolation.
+//!
+//! The key trade-off: the index stores block *hashes*, not tokens, and learns
+//! what each worker holds only from its events, so it is exactly as fresh as the
+//! event stream (or, in approximate mode, as the router's own decisions).
+//!
+//! # Layout
+//! - [`hash`]: local block hashes (XXH3-64, seed 1337) and rolling sequence hashes.
+//! - [`protocols`]: `RouterEvent`, `KvCacheEvent`, `WorkerKey`, `OverlapScores`.
+//! - [`index`]: `RadixIndex` (exact), `ApproxIndex` (TTL + prune), `ShardedIndex`
+//!   and `ThreadedIndex` (N writer threads, concurrent lookups).
+
+#![deny(missing_docs)]
+
+pub mod hash;
+pub mod index;
+pub mod protocols;
+
+pub use hash::{ExternalSequenceBlockHash, LocalBlockHash, SequenceHash};
+pub use index::{ApproxIndex, EventStats, KvCacheEventError, PruneConfig, RadixIndex};
+pub use protocols::{OverlapScores, RouterEvent, WorkerKey};
