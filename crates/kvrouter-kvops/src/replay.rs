@@ -19,6 +19,10 @@ pub trait ReplayTarget {
     fn clear(&mut self, worker: u64) -> bool;
     /// Looks up a chain; appends `(worker, overlap)` for every worker with overlap > 0.
     fn query(&mut self, blocks: &[u64], out: &mut Vec<(u64, u32)>);
+    /// Waits for queued work and returns errors not reported per op (asynchronous backends).
+    fn finish(&mut self) -> u64 {
+        0
+    }
 }
 
 /// The result line of `bench index`; keys in this order.
@@ -114,6 +118,7 @@ pub fn replay(
             bar.set_position(i as u64 + 1);
         }
     }
+    errors += target.finish();
     let seconds = t0.elapsed().as_secs_f64();
     let cpu_seconds = measure::cpu_seconds() - cpu0;
     let peak = measure::peak_rss_mb();

@@ -1,27 +1,31 @@
 //! The exact, event-driven prefix index over every worker's cached blocks.
 //!
-//! Layout: one arena of nodes and one open-addressed table of edges. A node is
-//! the block at the end of one path from the root; it records its parent, its
-//! edge key (the [`LocalBlockHash`]), an engine hash, how many children it has
-//! and which workers cache it. The edge table stores only 4-byte node ids,
-//! keyed by `(parent id, local hash)` and compared against the node itself, so
-//! a step down the tree is one probe into a dense table plus one node read,
-//! and no node owns a map of its children. Per worker, a map from the engine's
-//! block hash to the node serves removals and parent look-ups.
+//! Layout: one arena of 24-byte nodes. A node is the block at the end of one
+//! path from the root: its edge key (the [`LocalBlockHash`]), its parent, its
+//! first child, its child count and its worker set (inline when one worker
+//! caches it). A step down the tree follows the parent's first-child link and
+//! compares one key; only nodes with several children also keep their other
+//! children in one open-addressed table of 4-byte node ids keyed by
+//! `(parent, local hash)`. So a chain stored by one event costs no table
+//! operation at all, and walking it reads nodes that were allocated together.
+//! Per worker, a map from the engine's block hash to the node serves removals
+//! and parent look-ups: the one hash operation per block that cannot be saved.
 //!
-//! Invariants, checked by the property tests: a worker appears on a node
-//! exactly as often as its map points there; a node lives while it has a
-//! worker or a child, and is freed (with its now-empty ancestors) otherwise;
-//! an event is validated before it mutates anything, so a rejected event
-//! leaves the tree untouched. Removal does not cascade to descendants: a
-//! worker on a child whose parent it no longer caches is unreachable from the
-//! root and simply never scores past the gap, as in the reference.
+//! Invariants, checked by the property tests: a worker holds a node through
+//! exactly one engine hash, and is on the node's set iff its map points there;
+//! a node lives while it has a worker or a child, and is freed (with its
+//! now-empty ancestors) otherwise; a rejected event leaves the tree as it was
+//! (a parent that is missing is found before any change; a chain that repeats
+//! a block or places a held block elsewhere is rolled back). Removal does not
+//! cascade to descendants: a worker on a child whose parent it no longer
+//! caches is unreachable from the root and never scores past the gap.
 
 use hashbrown::HashTable;
+use hashbrown::hash_map::Entry;
 use smallvec::SmallVec;
 
 use super::fast_hash::{IntMap, edge_hash};
-use super::worker_set::WorkerSet;
+use super::worker_set::{EMPTY, MAX_WORKER, SetPool};
 use super::{EventKind, EventStats, KvCacheEventError};
 use crate::hash::{ExternalSequenceBlockHash, LocalBlockHash};
 use crate::protocols::{
@@ -30,17 +34,30 @@ use crate::protocols::{
 };
 
 const ROOT: u32 = 0;
-/// Parent of a node on the free list.
-const FREE: u32 = u32::MAX;
+/// No node (a missing first child), and the parent of a node on the free list.
+const NONE: u32 = u32::MAX;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 struct Node {
     local: u64,
-    /// The engine hash of the worker that created the node (used by dumps).
-    ext: u64,
     parent: u32,
+    first_child: u32,
     children: u32,
-    workers: WorkerSet,
+    workers: u32,
+}
+
+const _: () = assert!(std::mem::size_of::<Node>() == 24);
+
+/// The tree proper: nodes, the overflow edge table and the worker-set pool.
+#[derive(Debug)]
+struct Arena {
+    nodes: Vec<Node>,
+    /// Engine hash of the worker that created each node (cold: dumps only).
+    exts: Vec<u64>,
+    /// Children that are not their parent's first child.
+    edges: HashTable<u32>,
+    free: Vec<u32>,
+    sets: SetPool,
 }
 
 #[derive(Debug, Default)]
@@ -53,14 +70,14 @@ struct WorkerSlot {
 /// The exact KV prefix index (single-threaded; see [`super::ShardedIndex`] for threads).
 #[derive(Debug)]
 pub struct RadixIndex {
-    nodes: Vec<Node>,
-    free_nodes: Vec<u32>,
-    edges: HashTable<u32>,
+    arena: Arena,
     slots: Vec<WorkerSlot>,
     free_slots: Vec<u32>,
     dense: IntMap<WorkerKey, u32>,
     size: usize,
     stats: EventStats,
+    /// Mappings added by the event being applied, for rollback.
+    undo: Vec<(u64, u32)>,
 }
 
 impl Default for RadixIndex {
@@ -69,27 +86,17 @@ impl Default for RadixIndex {
     }
 }
 
-/// Validation scratch: an event with more blocks than this is checked by sorting.
-const SMALL_EVENT: usize = 24;
-
 impl RadixIndex {
     /// An empty index.
     pub fn new() -> Self {
         Self {
-            nodes: vec![Node {
-                local: 0,
-                ext: 0,
-                parent: ROOT,
-                children: 0,
-                workers: WorkerSet::default(),
-            }],
-            free_nodes: Vec::new(),
-            edges: HashTable::new(),
+            arena: Arena::new(),
             slots: Vec::new(),
             free_slots: Vec::new(),
             dense: IntMap::default(),
             size: 0,
             stats: EventStats::default(),
+            undo: Vec::new(),
         }
     }
 
@@ -128,6 +135,10 @@ impl RadixIndex {
     }
 
     /// Stores a chain of `n` blocks `(engine hash, local hash)` for `key` under `parent`.
+    ///
+    /// Re-storing blocks the worker holds at the same place is a no-op. A chain
+    /// that repeats an engine hash, or names one the worker holds at another
+    /// place, is rejected as [`KvCacheEventError::InvalidBlockSequence`].
     pub fn store(
         &mut self,
         key: WorkerKey,
@@ -135,18 +146,13 @@ impl RadixIndex {
         n: usize,
         block: impl Fn(usize) -> (u64, u64),
     ) -> Result<(), KvCacheEventError> {
-        // Validate first: a rejected event must not leave half a chain behind.
         let existing = self.dense.get(&key).copied();
         let mut at = ROOT;
         if let Some(p) = parent {
-            let found = existing.and_then(|w| self.slots[w as usize].blocks.get(&p).copied());
-            match found {
-                Some(node) => at = node,
+            match existing.and_then(|w| self.slots[w as usize].blocks.get(&p)) {
+                Some(&node) => at = node,
                 None => return Err(KvCacheEventError::ParentBlockNotFound),
             }
-        }
-        if has_duplicate(parent, n, &block) {
-            return Err(KvCacheEventError::InvalidBlockSequence);
         }
         if n == 0 {
             return Ok(());
@@ -155,29 +161,56 @@ impl RadixIndex {
             Some(w) => w,
             None => self.add_slot(key),
         };
+        let arena = &mut self.arena;
+        let map = &mut self.slots[w as usize].blocks;
+        // Touch every block's map bucket first: independent look-ups whose
+        // cache misses overlap, so the dependent pass below finds them cached.
+        let mut held = 0usize;
+        for i in 0..n {
+            held += usize::from(map.contains_key(&block(i).0));
+        }
+        std::hint::black_box(held);
+        self.undo.clear();
+        let mut failed = false;
         for i in 0..n {
             let (ext, local) = block(i);
-            let mut child = self.find_child(at, local);
-            if let Some(old) = self.slots[w as usize].blocks.get(&ext).copied() {
-                if child == Some(old) {
-                    at = old; // a duplicate store: already cached here
-                    continue;
+            let child = arena.find_child(at, local);
+            match map.entry(ext) {
+                Entry::Occupied(o) => {
+                    if Some(*o.get()) == child {
+                        at = *o.get(); // already cached here
+                        continue;
+                    }
+                    failed = true; // a repeat in this chain, or held elsewhere
+                    break;
                 }
-                // The worker now places this engine hash elsewhere: latest wins.
+                Entry::Vacant(v) => {
+                    let node = match child {
+                        Some(c) if arena.has_worker(c, w) => {
+                            failed = true; // held here under another hash
+                            break;
+                        }
+                        Some(c) => c,
+                        None => arena.new_node(at, local, ext),
+                    };
+                    arena.add_worker(node, w);
+                    v.insert(node);
+                    self.undo.push((ext, node));
+                    at = node;
+                }
+            }
+        }
+        self.size += self.undo.len();
+        if failed {
+            for (ext, node) in std::mem::take(&mut self.undo).into_iter().rev() {
                 self.slots[w as usize].blocks.remove(&ext);
                 self.size -= 1;
-                self.release(old, w);
-                // Releasing may free an empty, childless path, including `child`.
-                child = self.find_child(at, local);
+                self.arena.release(node, w);
             }
-            let node = match child {
-                Some(c) => c,
-                None => self.new_node(at, local, ext),
-            };
-            self.nodes[node as usize].workers.insert(w);
-            self.slots[w as usize].blocks.insert(ext, node);
-            self.size += 1;
-            at = node;
+            if self.slots[w as usize].blocks.is_empty() && existing.is_none() {
+                self.drop_slot(w);
+            }
+            return Err(KvCacheEventError::InvalidBlockSequence);
         }
         Ok(())
     }
@@ -189,20 +222,25 @@ impl RadixIndex {
         hashes: impl IntoIterator<Item = u64>,
     ) -> Result<(), KvCacheEventError> {
         let mut result = Ok(());
-        let w = self.dense.get(&key).copied();
+        let Some(&w) = self.dense.get(&key) else {
+            return match hashes.into_iter().next() {
+                Some(_) => Err(KvCacheEventError::BlockNotFound),
+                None => Ok(()),
+            };
+        };
+        // Two passes: the map look-ups are independent of each other, so the
+        // CPU overlaps their cache misses; releasing nodes in between would not.
+        let map = &mut self.slots[w as usize].blocks;
+        let mut nodes: SmallVec<[u32; 64]> = SmallVec::new();
         for h in hashes {
-            let node = w.and_then(|w| self.slots[w as usize].blocks.remove(&h));
-            match (w, node) {
-                (Some(w), Some(node)) => {
-                    self.size -= 1;
-                    self.release(node, w);
-                }
-                _ => {
-                    if result.is_ok() {
-                        result = Err(KvCacheEventError::BlockNotFound);
-                    }
-                }
+            match map.remove(&h) {
+                Some(node) => nodes.push(node),
+                None => result = Err(KvCacheEventError::BlockNotFound),
             }
+        }
+        self.size -= nodes.len();
+        for node in nodes {
+            self.arena.release(node, w);
         }
         result
     }
@@ -232,25 +270,29 @@ impl RadixIndex {
 
     /// Per worker, the number of contiguous blocks of `seq` it caches from the start.
     pub fn find_matches(&self, seq: &[LocalBlockHash]) -> OverlapScores {
+        let arena = &self.arena;
         let Some((first, rest)) = seq.split_first() else {
             return OverlapScores::default();
         };
-        let Some(mut at) = self.find_child(ROOT, first.0) else {
+        let Some(mut at) = arena.find_child(ROOT, first.0) else {
             return OverlapScores::default();
         };
         // (dense worker, score); the first `alive` entries still match.
-        let mut live: SmallVec<[(u32, u32); 32]> =
-            self.nodes[at as usize].workers.distinct().map(|w| (w, 0)).collect();
+        let mut live: SmallVec<[(u32, u32); 32]> = arena
+            .sets
+            .members(arena.nodes[at as usize].workers)
+            .map(|w| (w, 0))
+            .collect();
         let mut alive = live.len();
         let mut depth = 1u32;
         for h in rest {
-            let Some(child) = self.find_child(at, h.0) else {
+            let Some(child) = arena.find_child(at, h.0) else {
                 break;
             };
-            let set = &self.nodes[child as usize].workers;
+            let set = arena.nodes[child as usize].workers;
             let mut i = 0;
             while i < alive {
-                if set.contains(live[i].0) {
+                if arena.sets.contains(set, live[i].0) {
                     i += 1;
                 } else {
                     live[i].1 = depth;
@@ -283,7 +325,7 @@ impl RadixIndex {
 
     /// Distinct blocks (tree nodes) held, excluding the root.
     pub fn node_count(&self) -> usize {
-        self.nodes.len() - 1 - self.free_nodes.len()
+        self.arena.live()
     }
 
     /// Blocks held for one worker rank.
@@ -316,17 +358,18 @@ impl RadixIndex {
     /// blocks that are unreachable from the root (its parent block was removed
     /// while children stayed) are left out: they can never score.
     pub fn dump_events(&self) -> Vec<RouterEvent> {
-        let order = self.nodes_by_depth();
+        let arena = &self.arena;
+        let order = arena.nodes_by_depth();
         // Per node, the workers emitted for it (reachable from the root).
-        let mut emitted: Vec<SmallVec<[u32; 4]>> = vec![SmallVec::new(); self.nodes.len()];
+        let mut emitted: Vec<SmallVec<[u32; 2]>> = vec![SmallVec::new(); arena.nodes.len()];
         let mut out = Vec::with_capacity(self.size);
         for id in order {
-            let node = &self.nodes[id as usize];
-            let parent_hash =
-                (node.parent != ROOT).then(|| ExternalSequenceBlockHash(self.nodes[node.parent as usize].ext));
-            let mine: SmallVec<[u32; 4]> = node
-                .workers
-                .distinct()
+            let node = arena.nodes[id as usize];
+            let parent_hash = (node.parent != ROOT)
+                .then(|| ExternalSequenceBlockHash(arena.exts[node.parent as usize]));
+            let mine: SmallVec<[u32; 2]> = arena
+                .sets
+                .members(node.workers)
                 .filter(|w| node.parent == ROOT || emitted[node.parent as usize].contains(w))
                 .collect();
             for &w in &mine {
@@ -339,7 +382,7 @@ impl RadixIndex {
                         data: KvCacheEventData::Stored(KvCacheStoreData {
                             parent_hash,
                             blocks: vec![KvCacheStoredBlockData {
-                                block_hash: ExternalSequenceBlockHash(node.ext),
+                                block_hash: ExternalSequenceBlockHash(arena.exts[id as usize]),
                                 tokens_hash: LocalBlockHash(node.local),
                                 mm_extra_info: None,
                             }],
@@ -355,6 +398,7 @@ impl RadixIndex {
     /// Checks every structural invariant; for tests and fuzzing.
     #[doc(hidden)]
     pub fn check_invariants(&self) -> Result<(), String> {
+        let arena = &self.arena;
         let mut refs: IntMap<(u32, u32), usize> = IntMap::default();
         let mut size = 0;
         for (w, slot) in self.slots.iter().enumerate() {
@@ -363,7 +407,7 @@ impl RadixIndex {
             }
             size += slot.blocks.len();
             for &node in slot.blocks.values() {
-                if self.nodes.get(node as usize).is_none_or(|n| n.parent == FREE) {
+                if arena.nodes.get(node as usize).is_none_or(|n| n.parent == NONE) {
                     return Err(format!("slot {w} points at dead node {node}"));
                 }
                 *refs.entry((node, w as u32)).or_default() += 1;
@@ -372,110 +416,48 @@ impl RadixIndex {
         if size != self.size {
             return Err(format!("size {} but slots hold {size}", self.size));
         }
-        let mut children = vec![0u32; self.nodes.len()];
-        let mut live = 0;
-        for (id, n) in self.nodes.iter().enumerate().skip(1) {
-            if n.parent == FREE {
+        if let Some(((n, w), c)) = refs.iter().find(|(_, c)| **c > 1) {
+            return Err(format!("worker {w} holds node {n} through {c} hashes"));
+        }
+        let mut children = vec![0u32; arena.nodes.len()];
+        let mut members = 0;
+        let mut table_edges = 0;
+        for (id, n) in arena.nodes.iter().enumerate().skip(1) {
+            if n.parent == NONE {
                 continue;
             }
-            live += 1;
             children[n.parent as usize] += 1;
-            if n.workers.is_empty() && n.children == 0 {
+            if arena.nodes[n.parent as usize].first_child != id as u32 {
+                table_edges += 1;
+            }
+            if n.workers == EMPTY && n.children == 0 {
                 return Err(format!("node {id} is empty and childless but alive"));
             }
-            if self.find_child(n.parent, n.local) != Some(id as u32) {
+            if arena.find_child(n.parent, n.local) != Some(id as u32) {
                 return Err(format!("node {id} is not reachable through its edge"));
             }
-            for w in n.workers.distinct() {
-                let on_node = n.workers.count(w);
-                if refs.get(&(id as u32, w)).copied().unwrap_or(0) != on_node {
-                    return Err(format!("node {id} lists worker {w} {on_node}x, maps disagree"));
+            for w in arena.sets.members(n.workers) {
+                members += 1;
+                if !refs.contains_key(&(id as u32, w)) {
+                    return Err(format!("node {id} lists worker {w}, whose map disagrees"));
                 }
             }
         }
-        for (id, n) in self.nodes.iter().enumerate() {
-            if n.parent != FREE && n.children != children[id] {
+        if members != refs.len() {
+            return Err("a worker map points at a node that does not list it".into());
+        }
+        for (id, n) in arena.nodes.iter().enumerate() {
+            if n.parent != NONE && n.children != children[id] {
                 return Err(format!("node {id} counts {} children, has {}", n.children, children[id]));
             }
         }
-        if refs.len() != self.nodes.iter().skip(1).filter(|n| n.parent != FREE).map(|n| n.workers.distinct().count()).sum::<usize>() {
-            return Err("a worker map points at a node that does not list it".into());
-        }
-        if self.edges.len() != live {
-            return Err(format!("{} edges for {live} live nodes", self.edges.len()));
+        if arena.edges.len() != table_edges {
+            return Err(format!("{} table edges, expected {table_edges}", arena.edges.len()));
         }
         Ok(())
     }
 
     // === internals ===
-
-    #[inline(always)]
-    fn find_child(&self, parent: u32, local: u64) -> Option<u32> {
-        let nodes = &self.nodes;
-        self.edges
-            .find(edge_hash(parent, local), |&id| {
-                let n = &nodes[id as usize];
-                n.local == local && n.parent == parent
-            })
-            .copied()
-    }
-
-    fn new_node(&mut self, parent: u32, local: u64, ext: u64) -> u32 {
-        let node = Node {
-            local,
-            ext,
-            parent,
-            children: 0,
-            workers: WorkerSet::default(),
-        };
-        let id = match self.free_nodes.pop() {
-            Some(id) => {
-                self.nodes[id as usize] = node;
-                id
-            }
-            None => {
-                self.nodes.push(node);
-                (self.nodes.len() - 1) as u32
-            }
-        };
-        self.nodes[parent as usize].children += 1;
-        let nodes = &self.nodes;
-        self.edges.insert_unique(edge_hash(parent, local), id, |&n| {
-            let n = &nodes[n as usize];
-            edge_hash(n.parent, n.local)
-        });
-        id
-    }
-
-    /// Drops one occurrence of worker `w` from `node`, freeing what became unused.
-    fn release(&mut self, node: u32, w: u32) {
-        let removed = self.nodes[node as usize].workers.remove_one(w);
-        debug_assert!(removed, "worker map and node sets disagree");
-        let mut at = node;
-        while at != ROOT {
-            let n = &self.nodes[at as usize];
-            if !n.workers.is_empty() || n.children > 0 {
-                break;
-            }
-            let (parent, hash) = (n.parent, edge_hash(n.parent, n.local));
-            if let Ok(entry) = self.edges.find_entry(hash, |&id| id == at) {
-                entry.remove();
-            }
-            let n = &mut self.nodes[at as usize];
-            n.parent = FREE;
-            n.workers.release();
-            self.free_nodes.push(at);
-            self.nodes[parent as usize].children -= 1;
-            at = parent;
-        }
-        if self.node_count() == 0 {
-            // Everything is gone: hand the memory back rather than keep peak capacity.
-            self.nodes.truncate(1);
-            self.nodes.shrink_to_fit();
-            self.free_nodes = Vec::new();
-            self.edges = HashTable::new();
-        }
-    }
 
     fn add_slot(&mut self, key: WorkerKey) -> u32 {
         let slot = WorkerSlot {
@@ -492,6 +474,7 @@ impl RadixIndex {
                 (self.slots.len() - 1) as u32
             }
         };
+        assert!(w <= MAX_WORKER, "more than 2^31 worker ranks");
         self.dense.insert(key, w);
         w
     }
@@ -508,7 +491,7 @@ impl RadixIndex {
         let blocks = std::mem::take(&mut self.slots[w as usize].blocks);
         self.size -= blocks.len();
         for (_, node) in blocks {
-            self.release(node, w);
+            self.arena.release(node, w);
         }
     }
 
@@ -519,6 +502,123 @@ impl RadixIndex {
             .map(|(_, &w)| w)
             .collect()
     }
+}
+
+// === impl Arena ===
+
+impl Arena {
+    fn new() -> Self {
+        Self {
+            nodes: vec![Node {
+                local: 0,
+                parent: ROOT,
+                first_child: NONE,
+                children: 0,
+                workers: EMPTY,
+            }],
+            exts: vec![0],
+            edges: HashTable::new(),
+            free: Vec::new(),
+            sets: SetPool::default(),
+        }
+    }
+
+    fn live(&self) -> usize {
+        self.nodes.len() - 1 - self.free.len()
+    }
+
+    #[inline(always)]
+    fn find_child(&self, parent: u32, local: u64) -> Option<u32> {
+        let p = &self.nodes[parent as usize];
+        let first = p.first_child;
+        if first != NONE && self.nodes[first as usize].local == local {
+            return Some(first);
+        }
+        if p.children <= u32::from(first != NONE) {
+            return None;
+        }
+        let nodes = &self.nodes;
+        self.edges
+            .find(edge_hash(parent, local), |&id| {
+                let n = &nodes[id as usize];
+                n.local == local && n.parent == parent
+            })
+            .copied()
+    }
+
+    #[inline]
+    fn has_worker(&self, node: u32, w: u32) -> bool {
+        self.sets.contains(self.nodes[node as usize].workers, w)
+    }
+
+    #[inline]
+    fn add_worker(&mut self, node: u32, w: u32) {
+        let n = &mut self.nodes[node as usize];
+        n.workers = self.sets.insert(n.workers, w);
+    }
+
+    fn new_node(&mut self, parent: u32, local: u64, ext: u64) -> u32 {
+        let node = Node {
+            local,
+            parent,
+            first_child: NONE,
+            children: 0,
+            workers: EMPTY,
+        };
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.nodes[id as usize] = node;
+                self.exts[id as usize] = ext;
+                id
+            }
+            None => {
+                self.nodes.push(node);
+                self.exts.push(ext);
+                (self.nodes.len() - 1) as u32
+            }
+        };
+        let p = &mut self.nodes[parent as usize];
+        p.children += 1;
+        if p.first_child == NONE {
+            p.first_child = id;
+        } else {
+            let nodes = &self.nodes;
+            self.edges.insert_unique(edge_hash(parent, local), id, |&n| {
+                let n = &nodes[n as usize];
+                edge_hash(n.parent, n.local)
+            });
+        }
+        id
+    }
+
+    /// Drops worker `w` from `node`, freeing what became unused.
+    fn release(&mut self, node: u32, w: u32) {
+        let n = &mut self.nodes[node as usize];
+        let removed = self.sets.remove(n.workers, w);
+        debug_assert!(removed.is_some(), "worker map and node sets disagree");
+        n.workers = removed.unwrap_or(n.workers);
+        let mut at = node;
+        while at != ROOT {
+            let n = self.nodes[at as usize];
+            if n.workers != EMPTY || n.children > 0 {
+                break;
+            }
+            let p = &mut self.nodes[n.parent as usize];
+            p.children -= 1;
+            if p.first_child == at {
+                p.first_child = NONE;
+            } else if let Ok(e) = self.edges.find_entry(edge_hash(n.parent, n.local), |&id| id == at) {
+                e.remove();
+            }
+            self.nodes[at as usize].parent = NONE;
+            self.free.push(at);
+            at = n.parent;
+        }
+        if self.live() == 0 && self.nodes.len() > 1 {
+            // Everything is gone: hand the memory back rather than keep peak capacity.
+            *self = Self::new();
+        }
+    }
 
     /// Live node ids (not the root), parents before children, breadth-first.
     fn nodes_by_depth(&self) -> Vec<u32> {
@@ -527,7 +627,7 @@ impl RadixIndex {
         depth[ROOT as usize] = 0;
         let mut stack = Vec::new();
         for id in 1..self.nodes.len() as u32 {
-            if self.nodes[id as usize].parent == FREE {
+            if self.nodes[id as usize].parent == NONE {
                 continue;
             }
             let mut at = id;
@@ -542,26 +642,9 @@ impl RadixIndex {
             }
         }
         let mut order: Vec<u32> = (1..self.nodes.len() as u32)
-            .filter(|&id| self.nodes[id as usize].parent != FREE)
+            .filter(|&id| self.nodes[id as usize].parent != NONE)
             .collect();
         order.sort_by_key(|&id| (depth[id as usize], id));
         order
-    }
-}
-
-/// Whether an engine hash repeats within a stored event (parent included): such
-/// a chain would make a block its own ancestor.
-fn has_duplicate(parent: Option<u64>, n: usize, block: &impl Fn(usize) -> (u64, u64)) -> bool {
-    let total = n + usize::from(parent.is_some());
-    let get = |i: usize| match parent {
-        Some(p) if i == n => p,
-        _ => block(i).0,
-    };
-    if total <= SMALL_EVENT {
-        (0..total).any(|i| (i + 1..total).any(|j| get(i) == get(j)))
-    } else {
-        let mut all: Vec<u64> = (0..total).map(get).collect();
-        all.sort_unstable();
-        all.windows(2).any(|w| w[0] == w[1])
     }
 }

@@ -424,6 +424,24 @@ fn step(
     }
 }
 
+/// The index's content as sorted `(worker, parent hash, block hash, local hash)`.
+fn canonical(ix: &RadixIndex) -> Vec<(WorkerKey, Option<u64>, u64, u64)> {
+    let mut v: Vec<_> = ix
+        .dump_events()
+        .into_iter()
+        .map(|e| {
+            let worker = e.worker_key();
+            let KvCacheEventData::Stored(s) = e.event.data else {
+                unreachable!("dumps hold stored events only")
+            };
+            let b = &s.blocks[0];
+            (worker, s.parent_hash.map(|p| p.0), b.block_hash.0, b.tokens_hash.0)
+        })
+        .collect();
+    v.sort_unstable();
+    v
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
@@ -505,8 +523,12 @@ proptest! {
                 2 => removed(*wid, *dp, &blocks.iter().map(|b| b.0).collect::<Vec<_>>()),
                 _ => cleared(*wid),
             };
-            let _ = ix.apply_event(&ev);
+            let before = canonical(&ix);
+            let result = ix.apply_event(&ev);
             ix.check_invariants().map_err(TestCaseError::fail)?;
+            if kind < &2 && result.is_err() {
+                prop_assert_eq!(canonical(&ix), before, "a rejected store changed the index");
+            }
             let _ = ix.find_matches(&q(&[0, 1, 2, 3]));
         }
         prop_assert_eq!(ix.stats().total(), events.len() as u64);
