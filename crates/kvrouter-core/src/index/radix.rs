@@ -277,41 +277,56 @@ impl RadixIndex {
         let Some(mut at) = arena.find_child(ROOT, first.0) else {
             return OverlapScores::default();
         };
-        // (dense worker, score); the first `alive` entries still match.
-        let mut live: SmallVec<[(u32, u32); 32]> = arena
+        // Workers still matching, sorted; and those that stopped, with their depth.
+        let mut live: SmallVec<[u32; 32]> = arena
             .sets
             .members(arena.nodes[at as usize].workers)
-            .map(|w| (w, 0))
             .collect();
-        let mut alive = live.len();
+        let mut done: SmallVec<[(u32, u32); 32]> = SmallVec::new();
         let mut depth = 1u32;
         for h in rest {
             let Some(child) = arena.find_child(at, h.0) else {
                 break;
             };
             let set = arena.nodes[child as usize].workers;
-            let mut i = 0;
-            while i < alive {
-                if arena.sets.contains(set, live[i].0) {
-                    i += 1;
-                } else {
-                    live[i].1 = depth;
-                    alive -= 1;
-                    live.swap(i, alive);
+            match arena.sets.pooled(set) {
+                // A shared prefix: usually the very same workers as one level up.
+                Some(members) if members == &live[..] => {}
+                Some(members) => {
+                    // Sorted merge: O(live + members), not a search per worker.
+                    let mut j = 0;
+                    live.retain(|w| {
+                        while j < members.len() && members[j] < *w {
+                            j += 1;
+                        }
+                        let keep = members.get(j) == Some(w);
+                        if !keep {
+                            done.push((*w, depth));
+                        }
+                        keep
+                    });
                 }
+                None => live.retain(|w| {
+                    let keep = *w == set;
+                    if !keep {
+                        done.push((*w, depth));
+                    }
+                    keep
+                }),
             }
-            if alive == 0 {
+            if live.is_empty() {
                 break;
             }
             depth += 1;
             at = child;
         }
-        let mut scores = Vec::with_capacity(live.len());
-        for (i, &(w, score)) in live.iter().enumerate() {
+        let mut scores = Vec::with_capacity(live.len() + done.len());
+        let finished = live.iter().map(|&w| (w, depth)).chain(done);
+        for (w, blocks) in finished {
             let slot = &self.slots[w as usize];
             scores.push(WorkerOverlap {
                 worker: slot.key.expect("live worker slot has a key"),
-                blocks: if i < alive { depth } else { score },
+                blocks,
                 tree_size: slot.blocks.len(),
             });
         }

@@ -96,6 +96,12 @@ impl SetPool {
         Some(set)
     }
 
+    /// The workers of a pooled set as a slice; `None` for empty and inline sets.
+    #[inline(always)]
+    pub(crate) fn pooled(&self, set: u32) -> Option<&[u32]> {
+        (set & POOLED != 0 && set != EMPTY).then(|| &self.sets[(set & !POOLED) as usize][..])
+    }
+
     /// The workers of a set, in increasing order.
     #[inline]
     pub(crate) fn members(&self, set: u32) -> impl Iterator<Item = u32> + '_ {
