@@ -16,6 +16,7 @@ mod approx;
 mod concurrent;
 mod fast_hash;
 mod radix;
+mod worker_blocks;
 mod worker_set;
 
 pub use approx::{ApproxIndex, PruneConfig};

@@ -21,10 +21,10 @@
 //! caches is unreachable from the root and never scores past the gap.
 
 use hashbrown::HashTable;
-use hashbrown::hash_map::Entry;
 use smallvec::SmallVec;
 
 use super::fast_hash::{IntMap, edge_hash};
+use super::worker_blocks::WorkerBlocks;
 use super::worker_set::{EMPTY, MAX_WORKER, SetPool};
 use super::{EventKind, EventStats, KvCacheEventError};
 use crate::hash::{ExternalSequenceBlockHash, LocalBlockHash};
@@ -40,20 +40,20 @@ const NONE: u32 = u32::MAX;
 #[derive(Debug, Clone, Copy)]
 struct Node {
     local: u64,
+    /// Engine hash of the worker that created the node (the key of worker maps).
+    ext: u64,
     parent: u32,
     first_child: u32,
     children: u32,
     workers: u32,
 }
 
-const _: () = assert!(std::mem::size_of::<Node>() == 24);
+const _: () = assert!(std::mem::size_of::<Node>() == 32);
 
 /// The tree proper: nodes, the overflow edge table and the worker-set pool.
 #[derive(Debug)]
 struct Arena {
     nodes: Vec<Node>,
-    /// Engine hash of the worker that created each node (cold: dumps only).
-    exts: Vec<u64>,
     /// Children that are not their parent's first child.
     edges: HashTable<u32>,
     free: Vec<u32>,
@@ -64,7 +64,7 @@ struct Arena {
 struct WorkerSlot {
     key: Option<WorkerKey>,
     /// Engine block hash → node.
-    blocks: IntMap<u64, u32>,
+    blocks: WorkerBlocks,
 }
 
 /// The exact KV prefix index (single-threaded; see [`super::ShardedIndex`] for threads).
@@ -149,8 +149,10 @@ impl RadixIndex {
         let existing = self.dense.get(&key).copied();
         let mut at = ROOT;
         if let Some(p) = parent {
-            match existing.and_then(|w| self.slots[w as usize].blocks.get(&p)) {
-                Some(&node) => at = node,
+            let nodes = &self.arena.nodes;
+            let ext_of = |n: u32| nodes[n as usize].ext;
+            match existing.and_then(|w| self.slots[w as usize].blocks.get(p, ext_of)) {
+                Some(node) => at = node,
                 None => return Err(KvCacheEventError::ParentBlockNotFound),
             }
         }
@@ -163,47 +165,41 @@ impl RadixIndex {
         };
         let arena = &mut self.arena;
         let map = &mut self.slots[w as usize].blocks;
-        // Touch every block's map bucket first: independent look-ups whose
-        // cache misses overlap, so the dependent pass below finds them cached.
-        let mut held = 0usize;
-        for i in 0..n {
-            held += usize::from(map.contains_key(&block(i).0));
-        }
-        std::hint::black_box(held);
         self.undo.clear();
         let mut failed = false;
         for i in 0..n {
             let (ext, local) = block(i);
             let child = arena.find_child(at, local);
-            match map.entry(ext) {
-                Entry::Occupied(o) => {
-                    if Some(*o.get()) == child {
-                        at = *o.get(); // already cached here
-                        continue;
-                    }
-                    failed = true; // a repeat in this chain, or held elsewhere
+            let nodes = &arena.nodes;
+            if let Some(held) = map.get(ext, |n| nodes[n as usize].ext) {
+                if Some(held) == child {
+                    at = held; // already cached here
+                    continue;
+                }
+                failed = true; // a repeat in this chain, or held elsewhere
+                break;
+            }
+            let node = match child {
+                Some(c) if arena.has_worker(c, w) => {
+                    failed = true; // held here under another hash
                     break;
                 }
-                Entry::Vacant(v) => {
-                    let node = match child {
-                        Some(c) if arena.has_worker(c, w) => {
-                            failed = true; // held here under another hash
-                            break;
-                        }
-                        Some(c) => c,
-                        None => arena.new_node(at, local, ext),
-                    };
-                    arena.add_worker(node, w);
-                    v.insert(node);
-                    self.undo.push((ext, node));
-                    at = node;
-                }
-            }
+                Some(c) => c,
+                None => arena.new_node(at, local, ext),
+            };
+            arena.add_worker(node, w);
+            let nodes = &arena.nodes;
+            map.insert(ext, node, |n| nodes[n as usize].ext);
+            self.undo.push((ext, node));
+            at = node;
         }
         self.size += self.undo.len();
         if failed {
             for (ext, node) in std::mem::take(&mut self.undo).into_iter().rev() {
-                self.slots[w as usize].blocks.remove(&ext);
+                let nodes = &self.arena.nodes;
+                self.slots[w as usize]
+                    .blocks
+                    .remove(ext, |n| nodes[n as usize].ext);
                 self.size -= 1;
                 self.arena.release(node, w);
             }
@@ -231,15 +227,16 @@ impl RadixIndex {
         // Two passes: the map look-ups are independent of each other, so the
         // CPU overlaps their cache misses; releasing nodes in between would not.
         let map = &mut self.slots[w as usize].blocks;
-        let mut nodes: SmallVec<[u32; 64]> = SmallVec::new();
+        let mut gone: SmallVec<[u32; 64]> = SmallVec::new();
+        let nodes = &self.arena.nodes;
         for h in hashes {
-            match map.remove(&h) {
-                Some(node) => nodes.push(node),
+            match map.remove(h, |n| nodes[n as usize].ext) {
+                Some(node) => gone.push(node),
                 None => result = Err(KvCacheEventError::BlockNotFound),
             }
         }
-        self.size -= nodes.len();
-        for node in nodes {
+        self.size -= gone.len();
+        for node in gone {
             self.arena.release(node, w);
         }
         result
@@ -381,7 +378,7 @@ impl RadixIndex {
         for id in order {
             let node = arena.nodes[id as usize];
             let parent_hash = (node.parent != ROOT)
-                .then(|| ExternalSequenceBlockHash(arena.exts[node.parent as usize]));
+                .then(|| ExternalSequenceBlockHash(arena.nodes[node.parent as usize].ext));
             let mine: SmallVec<[u32; 2]> = arena
                 .sets
                 .members(node.workers)
@@ -397,7 +394,7 @@ impl RadixIndex {
                         data: KvCacheEventData::Stored(KvCacheStoreData {
                             parent_hash,
                             blocks: vec![KvCacheStoredBlockData {
-                                block_hash: ExternalSequenceBlockHash(arena.exts[id as usize]),
+                                block_hash: ExternalSequenceBlockHash(node.ext),
                                 tokens_hash: LocalBlockHash(node.local),
                                 mm_extra_info: None,
                             }],
@@ -421,7 +418,7 @@ impl RadixIndex {
                 return Err(format!("dropped slot {w} holds blocks"));
             }
             size += slot.blocks.len();
-            for &node in slot.blocks.values() {
+            for node in slot.blocks.nodes() {
                 if arena.nodes.get(node as usize).is_none_or(|n| n.parent == NONE) {
                     return Err(format!("slot {w} points at dead node {node}"));
                 }
@@ -477,7 +474,7 @@ impl RadixIndex {
     fn add_slot(&mut self, key: WorkerKey) -> u32 {
         let slot = WorkerSlot {
             key: Some(key),
-            blocks: IntMap::default(),
+            blocks: WorkerBlocks::default(),
         };
         let w = match self.free_slots.pop() {
             Some(w) => {
@@ -497,7 +494,7 @@ impl RadixIndex {
     fn drop_slot(&mut self, w: u32) {
         if let Some(key) = self.slots[w as usize].key.take() {
             self.dense.remove(&key);
-            self.slots[w as usize].blocks = IntMap::default();
+            self.slots[w as usize].blocks = WorkerBlocks::default();
             self.free_slots.push(w);
         }
     }
@@ -505,7 +502,7 @@ impl RadixIndex {
     fn clear_slot(&mut self, w: u32) {
         let blocks = std::mem::take(&mut self.slots[w as usize].blocks);
         self.size -= blocks.len();
-        for (_, node) in blocks {
+        for node in blocks.nodes() {
             self.arena.release(node, w);
         }
     }
@@ -526,12 +523,12 @@ impl Arena {
         Self {
             nodes: vec![Node {
                 local: 0,
+                ext: 0,
                 parent: ROOT,
                 first_child: NONE,
                 children: 0,
                 workers: EMPTY,
             }],
-            exts: vec![0],
             edges: HashTable::new(),
             free: Vec::new(),
             sets: SetPool::default(),
@@ -575,6 +572,7 @@ impl Arena {
     fn new_node(&mut self, parent: u32, local: u64, ext: u64) -> u32 {
         let node = Node {
             local,
+            ext,
             parent,
             first_child: NONE,
             children: 0,
@@ -583,12 +581,10 @@ impl Arena {
         let id = match self.free.pop() {
             Some(id) => {
                 self.nodes[id as usize] = node;
-                self.exts[id as usize] = ext;
                 id
             }
             None => {
                 self.nodes.push(node);
-                self.exts.push(ext);
                 (self.nodes.len() - 1) as u32
             }
         };
