@@ -27,7 +27,7 @@ WORKLOADS = [
     ("conv-d4s4", ["--dup", "4", "--split", "4"]),
     ("conv-d4s4-c65536", ["--dup", "4", "--split", "4", "--capacity", "65536"]),
 ]
-BACKENDS = [("single", []), ("concurrent", ["--threads", THREADS])]
+BACKENDS = [("single", ["--backend", "single"]), ("concurrent", ["--backend", "concurrent", "--threads", THREADS])]
 
 
 def ensure_workload(name, flags):

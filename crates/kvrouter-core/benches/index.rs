@@ -17,7 +17,11 @@ use kvrouter_core::{ExternalSequenceBlockHash, LocalBlockHash, RadixIndex};
 const CHAIN: u64 = 32;
 const SHARED_PREFIX: u64 = 4;
 
-fn stored(worker: u64, parent: Option<u64>, blocks: impl Iterator<Item = (u64, u64)>) -> RouterEvent {
+fn stored(
+    worker: u64,
+    parent: Option<u64>,
+    blocks: impl Iterator<Item = (u64, u64)>,
+) -> RouterEvent {
     RouterEvent::new(
         worker,
         KvCacheEvent {
@@ -71,8 +75,15 @@ fn find_matches(c: &mut Criterion) {
                 .chain([42, 43])
                 .map(LocalBlockHash)
                 .collect();
-            assert!(ix.find_matches(&query).score(kvrouter_core::WorkerKey::new(3, 0)) > 4);
-            let id = format!("{blocks}blocks/{workers}workers", blocks = ix.current_size());
+            assert!(
+                ix.find_matches(&query)
+                    .score(kvrouter_core::WorkerKey::new(3, 0))
+                    > 4
+            );
+            let id = format!(
+                "{blocks}blocks/{workers}workers",
+                blocks = ix.current_size()
+            );
             g.bench_function(BenchmarkId::from_parameter(id), |b| {
                 b.iter(|| black_box(ix.find_matches(black_box(&query))))
             });
@@ -91,7 +102,12 @@ fn events(c: &mut Criterion) {
             event_id: 0,
             dp_rank: 0,
             data: KvCacheEventData::Removed(KvCacheRemoveData {
-                block_hashes: chain.iter().rev().copied().map(ExternalSequenceBlockHash).collect(),
+                block_hashes: chain
+                    .iter()
+                    .rev()
+                    .copied()
+                    .map(ExternalSequenceBlockHash)
+                    .collect(),
             }),
         },
     );

@@ -145,10 +145,7 @@ impl BlockHasher {
         let mm_empty = info.is_none_or(|i| i.mm_objects.is_empty());
         if cfg!(target_endian = "little") && mm_empty {
             // The in-memory layout already is the wire layout: hash it in place.
-            return LocalBlockHash(xxh3_64_with_seed(
-                bytemuck::cast_slice(tokens),
-                self.seed,
-            ));
+            return LocalBlockHash(xxh3_64_with_seed(bytemuck::cast_slice(tokens), self.seed));
         }
         self.scratch.clear();
         for t in tokens {

@@ -241,16 +241,16 @@ mod tests {
         roundtrip(
             r#"{"worker_id":1,"event":{"event_id":1,"data":{"removed":{"block_hashes":[1,2,18446744073709551615]}},"dp_rank":0}}"#,
         );
-        let ev = roundtrip(r#"{"worker_id":2,"event":{"event_id":9,"data":"cleared","dp_rank":3}}"#);
+        let ev =
+            roundtrip(r#"{"worker_id":2,"event":{"event_id":9,"data":"cleared","dp_rank":3}}"#);
         assert_eq!(ev.event.data, KvCacheEventData::Cleared);
     }
 
     #[test]
     fn defaults_and_tiers() {
-        let ev: RouterEvent = serde_json::from_value(
-            json!({"worker_id":1,"event":{"event_id":0,"data":"cleared"}}),
-        )
-        .unwrap();
+        let ev: RouterEvent =
+            serde_json::from_value(json!({"worker_id":1,"event":{"event_id":0,"data":"cleared"}}))
+                .unwrap();
         assert_eq!(ev.event.dp_rank, 0);
         assert_eq!(ev.storage_tier, StorageTier::Device);
         let host = roundtrip(
@@ -274,9 +274,10 @@ mod tests {
 
     #[test]
     fn batch_json() {
-        let b: KvCacheEvents =
-            serde_json::from_str(r#"{"events":[{"event_id":0,"data":"cleared","dp_rank":0}],"shutdown":false}"#)
-                .unwrap();
+        let b: KvCacheEvents = serde_json::from_str(
+            r#"{"events":[{"event_id":0,"data":"cleared","dp_rank":0}],"shutdown":false}"#,
+        )
+        .unwrap();
         assert_eq!(b.events.len(), 1);
     }
 }

@@ -39,7 +39,12 @@ fn raw_bytes() {
     let g = golden();
     assert!(g.raw.iter().any(|r| r.hash == 13226331709069118873));
     for r in g.raw {
-        assert_eq!(compute_hash(r.bytes_utf8.as_bytes()), r.hash, "{:?}", r.bytes_utf8);
+        assert_eq!(
+            compute_hash(r.bytes_utf8.as_bytes()),
+            r.hash,
+            "{:?}",
+            r.bytes_utf8
+        );
     }
 }
 

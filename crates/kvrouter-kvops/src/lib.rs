@@ -17,4 +17,4 @@ mod replay;
 
 pub use load::{Header, LoadError, Op, Workload};
 pub use measure::{cpu_seconds, peak_rss_mb, reset_peak_rss, rss_mb};
-pub use replay::{Report, ReplayTarget, replay};
+pub use replay::{ReplayTarget, Report, replay};

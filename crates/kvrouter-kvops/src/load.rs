@@ -204,7 +204,10 @@ impl Workload {
 }
 
 fn to_op(l: Line) -> Result<Op, String> {
-    let worker = || l.worker.ok_or_else(|| format!("{} op without \"worker\"", l.op));
+    let worker = || {
+        l.worker
+            .ok_or_else(|| format!("{} op without \"worker\"", l.op))
+    };
     let blocks = |b: Option<Vec<u64>>| {
         b.map(Vec::into_boxed_slice)
             .ok_or_else(|| format!("{} op without \"blocks\"", l.op))
@@ -266,10 +269,16 @@ mod tests {
     fn malformed_lines_name_their_line() {
         for (body, line) in [
             ("{\"op\":\"query\",\"blocks\":[1]}\n", 2),
-            ("{\"op\":\"store\",\"worker\":0,\"parent\":null,\"blocks\":[1]}\n{\"op\":\"fly\",\"worker\":1}\n", 3),
+            (
+                "{\"op\":\"store\",\"worker\":0,\"parent\":null,\"blocks\":[1]}\n{\"op\":\"fly\",\"worker\":1}\n",
+                3,
+            ),
             ("{\"op\":\"store\",\"worker\":-1,\"blocks\":[1]}\n", 2),
             ("not json\n", 2),
-            ("{\"op\":\"query\",\"blocks\":[1],\"expect\":{\"x\":1}}\n", 2),
+            (
+                "{\"op\":\"query\",\"blocks\":[1],\"expect\":{\"x\":1}}\n",
+                2,
+            ),
         ] {
             match load(body) {
                 Err(LoadError::Malformed { line: l, .. }) => assert_eq!(l, line, "{body}"),

@@ -62,7 +62,13 @@ fn bench_index(args: IndexArgs) -> anyhow::Result<ExitCode> {
     let workload = Workload::load(&args.ops).context("loading the workload")?;
     let progress = !args.no_progress;
     let report = match args.backend {
-        Backend::Single => replay(&workload, &mut Single::default(), "kvrouter", "single", progress),
+        Backend::Single => replay(
+            &workload,
+            &mut Single::default(),
+            "kvrouter",
+            "single",
+            progress,
+        ),
         Backend::Concurrent => replay(
             &workload,
             &mut Concurrent::new(args.threads as usize),
@@ -96,7 +102,11 @@ fn stored(worker: u64, id: u64, parent: Option<u64>, blocks: &[u64]) -> RouterEv
 }
 
 fn removed(worker: u64, id: u64, blocks: &[u64]) -> RouterEvent {
-    let block_hashes = blocks.iter().copied().map(ExternalSequenceBlockHash).collect();
+    let block_hashes = blocks
+        .iter()
+        .copied()
+        .map(ExternalSequenceBlockHash)
+        .collect();
     event(
         worker,
         id,

@@ -101,7 +101,11 @@ impl ShardedIndex {
 
     /// Every worker rank known, in increasing order.
     pub fn workers(&self) -> Vec<WorkerKey> {
-        let mut v: Vec<_> = self.shards.iter().flat_map(|s| s.read().workers()).collect();
+        let mut v: Vec<_> = self
+            .shards
+            .iter()
+            .flat_map(|s| s.read().workers())
+            .collect();
         v.sort_unstable();
         v
     }

@@ -60,7 +60,12 @@ impl EventKind {
 }
 
 /// Outcome labels, indexed as [`EventStats`] stores them.
-pub const STATUS_LABELS: [&str; 4] = ["ok", "parent_block_not_found", "block_not_found", "invalid_block"];
+pub const STATUS_LABELS: [&str; 4] = [
+    "ok",
+    "parent_block_not_found",
+    "block_not_found",
+    "invalid_block",
+];
 
 fn status_index(result: Result<(), KvCacheEventError>) -> usize {
     match result {

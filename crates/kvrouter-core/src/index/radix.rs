@@ -419,7 +419,11 @@ impl RadixIndex {
             }
             size += slot.blocks.len();
             for node in slot.blocks.nodes() {
-                if arena.nodes.get(node as usize).is_none_or(|n| n.parent == NONE) {
+                if arena
+                    .nodes
+                    .get(node as usize)
+                    .is_none_or(|n| n.parent == NONE)
+                {
                     return Err(format!("slot {w} points at dead node {node}"));
                 }
                 *refs.entry((node, w as u32)).or_default() += 1;
@@ -460,11 +464,17 @@ impl RadixIndex {
         }
         for (id, n) in arena.nodes.iter().enumerate() {
             if n.parent != NONE && n.children != children[id] {
-                return Err(format!("node {id} counts {} children, has {}", n.children, children[id]));
+                return Err(format!(
+                    "node {id} counts {} children, has {}",
+                    n.children, children[id]
+                ));
             }
         }
         if arena.edges.len() != table_edges {
-            return Err(format!("{} table edges, expected {table_edges}", arena.edges.len()));
+            return Err(format!(
+                "{} table edges, expected {table_edges}",
+                arena.edges.len()
+            ));
         }
         Ok(())
     }
@@ -594,10 +604,11 @@ impl Arena {
             p.first_child = id;
         } else {
             let nodes = &self.nodes;
-            self.edges.insert_unique(edge_hash(parent, local), id, |&n| {
-                let n = &nodes[n as usize];
-                edge_hash(n.parent, n.local)
-            });
+            self.edges
+                .insert_unique(edge_hash(parent, local), id, |&n| {
+                    let n = &nodes[n as usize];
+                    edge_hash(n.parent, n.local)
+                });
         }
         id
     }
@@ -618,7 +629,10 @@ impl Arena {
             p.children -= 1;
             if p.first_child == at {
                 p.first_child = NONE;
-            } else if let Ok(e) = self.edges.find_entry(edge_hash(n.parent, n.local), |&id| id == at) {
+            } else if let Ok(e) = self
+                .edges
+                .find_entry(edge_hash(n.parent, n.local), |&id| id == at)
+            {
                 e.remove();
             }
             self.nodes[at as usize].parent = NONE;

@@ -66,14 +66,19 @@ fn w(id: u64) -> WorkerKey {
 #[test]
 fn longest_prefix_per_worker() {
     let mut ix = RadixIndex::new();
-    ix.apply_event(&stored(1, 0, None, &[(11, 1), (12, 2), (13, 3)])).unwrap();
-    ix.apply_event(&stored(2, 0, None, &[(21, 1), (22, 2)])).unwrap();
+    ix.apply_event(&stored(1, 0, None, &[(11, 1), (12, 2), (13, 3)]))
+        .unwrap();
+    ix.apply_event(&stored(2, 0, None, &[(21, 1), (22, 2)]))
+        .unwrap();
     ix.apply_event(&stored(3, 0, None, &[(31, 9)])).unwrap();
     let m = ix.find_matches(&q(&[1, 2, 3, 4]));
     assert_eq!(m.sorted(), vec![(w(1), 3), (w(2), 2)]);
     assert_eq!(m.tree_size(w(1)), Some(3));
     assert_eq!(m.tree_size(w(2)), Some(2));
-    assert!(ix.find_matches(&q(&[2, 3])).is_empty(), "edges are positional");
+    assert!(
+        ix.find_matches(&q(&[2, 3])).is_empty(),
+        "edges are positional"
+    );
     assert!(ix.find_matches(&[]).is_empty());
     ix.check_invariants().unwrap();
 }
@@ -96,11 +101,24 @@ fn parent_chains_and_errors_are_counted() {
         ix.apply_event(&removed(1, 0, &[12, 404])),
         Err(KvCacheEventError::BlockNotFound)
     );
-    assert_eq!(ix.find_matches(&q(&[1, 2])).sorted(), vec![(w(1), 1)], "known hash still removed");
+    assert_eq!(
+        ix.find_matches(&q(&[1, 2])).sorted(),
+        vec![(w(1), 1)],
+        "known hash still removed"
+    );
     let s = ix.stats();
     assert_eq!(s.get(EventKind::Stored, Ok(())), 2);
-    assert_eq!(s.get(EventKind::Stored, Err(KvCacheEventError::ParentBlockNotFound)), 2);
-    assert_eq!(s.get(EventKind::Removed, Err(KvCacheEventError::BlockNotFound)), 1);
+    assert_eq!(
+        s.get(
+            EventKind::Stored,
+            Err(KvCacheEventError::ParentBlockNotFound)
+        ),
+        2
+    );
+    assert_eq!(
+        s.get(EventKind::Removed, Err(KvCacheEventError::BlockNotFound)),
+        1
+    );
     assert_eq!(s.errors(), 3);
     ix.check_invariants().unwrap();
 }
@@ -114,7 +132,10 @@ fn self_referencing_chain_is_rejected_untouched() {
         stored(1, 0, None, &[(20, 1), (21, 2), (20, 3)]),
         stored(1, 0, Some(11), &[(11, 5)]),
     ] {
-        assert_eq!(ix.apply_event(&bad), Err(KvCacheEventError::InvalidBlockSequence));
+        assert_eq!(
+            ix.apply_event(&bad),
+            Err(KvCacheEventError::InvalidBlockSequence)
+        );
     }
     let long: Vec<(u64, u64)> = (0..100).map(|i| (1000 + i % 60, i)).collect();
     assert_eq!(
@@ -144,7 +165,8 @@ fn duplicate_store_is_idempotent_and_empty_events_are_noops() {
 fn clear_drops_all_ranks_and_remove_worker_forgets_them() {
     let mut ix = RadixIndex::new();
     ix.apply_event(&stored(1, 0, None, &[(11, 1)])).unwrap();
-    ix.apply_event(&stored(1, 1, None, &[(11, 1), (12, 2)])).unwrap();
+    ix.apply_event(&stored(1, 1, None, &[(11, 1), (12, 2)]))
+        .unwrap();
     ix.apply_event(&stored(2, 0, None, &[(21, 1)])).unwrap();
     ix.apply_event(&cleared(1)).unwrap();
     assert_eq!(ix.find_matches(&q(&[1, 2])).sorted(), vec![(w(2), 1)]);
@@ -157,7 +179,8 @@ fn clear_drops_all_ranks_and_remove_worker_forgets_them() {
 #[test]
 fn removal_does_not_cascade_and_gap_stops_the_match() {
     let mut ix = RadixIndex::new();
-    ix.apply_event(&stored(1, 0, None, &[(11, 1), (12, 2), (13, 3)])).unwrap();
+    ix.apply_event(&stored(1, 0, None, &[(11, 1), (12, 2), (13, 3)]))
+        .unwrap();
     ix.apply_event(&removed(1, 0, &[12])).unwrap();
     assert_eq!(ix.find_matches(&q(&[1, 2, 3])).sorted(), vec![(w(1), 1)]);
     assert_eq!(ix.worker_size(w(1)), 2);
@@ -186,19 +209,31 @@ fn memory_is_released_when_everything_is_removed() {
         ix.remove_worker(wid);
     }
     ix.check_invariants().unwrap();
-    assert!(ix.is_empty(), "size {} nodes {}", ix.current_size(), ix.node_count());
+    assert!(
+        ix.is_empty(),
+        "size {} nodes {}",
+        ix.current_size(),
+        ix.node_count()
+    );
     assert!(ix.find_matches(&q(&[0, 1])).is_empty());
 }
 
 #[test]
 fn dump_rebuilds_identical_answers() {
     let mut ix = RadixIndex::new();
-    ix.apply_event(&stored(1, 0, None, &[(11, 1), (12, 2), (13, 3)])).unwrap();
-    ix.apply_event(&stored(2, 3, None, &[(11, 1), (22, 5)])).unwrap();
-    ix.apply_event(&stored(3, 0, Some(99), &[(31, 1)])).unwrap_err();
+    ix.apply_event(&stored(1, 0, None, &[(11, 1), (12, 2), (13, 3)]))
+        .unwrap();
+    ix.apply_event(&stored(2, 3, None, &[(11, 1), (22, 5)]))
+        .unwrap();
+    ix.apply_event(&stored(3, 0, Some(99), &[(31, 1)]))
+        .unwrap_err();
     let dump = ix.dump_events();
     assert_eq!(dump.len(), 5);
-    assert!(dump.iter().enumerate().all(|(i, e)| e.event.event_id == i as u64));
+    assert!(
+        dump.iter()
+            .enumerate()
+            .all(|(i, e)| e.event.event_id == i as u64)
+    );
     let back = RadixIndex::from_events(&dump);
     assert_eq!(back.stats().errors(), 0);
     for query in [&[1u64, 2, 3][..], &[1, 5], &[1], &[2]] {
@@ -216,10 +251,46 @@ fn dump_rebuilds_identical_answers() {
 }
 
 #[test]
+fn workers_with_different_engine_hashes_share_a_node() {
+    let mut ix = RadixIndex::new();
+    ix.apply_event(&stored(1, 0, None, &[(11, 1), (12, 2)]))
+        .unwrap();
+    // Worker 2's engine hashes the same prefix differently.
+    ix.apply_event(&stored(2, 0, None, &[(21, 1), (22, 2)]))
+        .unwrap();
+    assert_eq!(ix.node_count(), 2);
+    assert_eq!(
+        ix.find_matches(&q(&[1, 2])).sorted(),
+        vec![(w(1), 2), (w(2), 2)]
+    );
+    ix.apply_event(&stored(2, 0, Some(22), &[(23, 3)])).unwrap();
+    assert_eq!(
+        ix.apply_event(&removed(2, 0, &[12])),
+        Err(KvCacheEventError::BlockNotFound),
+        "worker 2 never stored worker 1's hash"
+    );
+    ix.apply_event(&removed(2, 0, &[23, 22])).unwrap();
+    assert_eq!(
+        ix.find_matches(&q(&[1, 2, 3])).sorted(),
+        vec![(w(1), 2), (w(2), 1)]
+    );
+    // Storing a held position again under yet another hash is rejected.
+    assert_eq!(
+        ix.apply_event(&stored(2, 0, None, &[(99, 1)])),
+        Err(KvCacheEventError::InvalidBlockSequence)
+    );
+    ix.check_invariants().unwrap();
+    ix.remove_worker(2);
+    ix.remove_worker(1);
+    assert!(ix.is_empty());
+}
+
+#[test]
 fn many_workers_on_one_node() {
     let mut ix = RadixIndex::new();
     for wid in 0..300u64 {
-        ix.apply_event(&stored(wid, 0, None, &[(7, 1), (wid + 100, 2 + wid % 3)])).unwrap();
+        ix.apply_event(&stored(wid, 0, None, &[(7, 1), (wid + 100, 2 + wid % 3)]))
+            .unwrap();
     }
     let m = ix.find_matches(&q(&[1, 3]));
     assert_eq!(m.scores.len(), 300);
@@ -243,11 +314,17 @@ fn approx_ttl_expiry_and_refresh() {
     approx_route(&mut ix, 1, &[1, 2, 3], t0);
     approx_route(&mut ix, 2, &[1, 2], t0 + Duration::from_secs(60));
     assert_eq!(ix.expire(t0 + ttl - Duration::from_millis(1)), 0);
-    assert_eq!(ix.find_matches(&q(&[1, 2, 3])).sorted(), vec![(w(1), 3), (w(2), 2)]);
+    assert_eq!(
+        ix.find_matches(&q(&[1, 2, 3])).sorted(),
+        vec![(w(1), 3), (w(2), 2)]
+    );
     // Worker 1 refreshes its first block only.
     approx_route(&mut ix, 1, &[1], t0 + Duration::from_secs(100));
     assert_eq!(ix.expire(t0 + ttl), 2);
-    assert_eq!(ix.find_matches(&q(&[1, 2, 3])).sorted(), vec![(w(1), 1), (w(2), 2)]);
+    assert_eq!(
+        ix.find_matches(&q(&[1, 2, 3])).sorted(),
+        vec![(w(1), 1), (w(2), 2)]
+    );
     assert_eq!(ix.expire(t0 + Duration::from_secs(1000)), 3);
     assert_eq!(ix.current_size(), 0);
     assert!(ix.tree().is_empty());
@@ -300,7 +377,11 @@ impl Universe {
         let mut local = Vec::with_capacity(n);
         let mut used: HashMap<Option<usize>, BTreeSet<u64>> = HashMap::new();
         for (k, &sp) in seed_parents.iter().enumerate() {
-            let p = if k == 0 || sp % 4 == 0 { None } else { Some(sp % k) };
+            let p = if k == 0 || sp % 4 == 0 {
+                None
+            } else {
+                Some(sp % k)
+            };
             let siblings = used.entry(p).or_default();
             let mut l = (k as u64 * 7) % 5;
             while siblings.contains(&l) {
@@ -354,7 +435,12 @@ type Model = HashMap<WorkerKey, BTreeSet<usize>>;
 fn model_matches(model: &Model, path: &[usize]) -> Vec<(WorkerKey, u32)> {
     let mut out: Vec<(WorkerKey, u32)> = model
         .iter()
-        .map(|(k, set)| (*k, path.iter().take_while(|n| set.contains(n)).count() as u32))
+        .map(|(k, set)| {
+            (
+                *k,
+                path.iter().take_while(|n| set.contains(n)).count() as u32,
+            )
+        })
         .filter(|(_, d)| *d > 0)
         .collect();
     out.sort_unstable();
@@ -377,8 +463,16 @@ fn step(
             let chain = &path[path.len().saturating_sub(*len)..];
             let parent = u.parent[chain[0]];
             let ok = parent.is_none_or(|p| model.get(&k).is_some_and(|s| s.contains(&p)));
-            let blocks: Vec<(u64, u64)> = chain.iter().map(|&n| (1000 + n as u64, u.local[n])).collect();
-            let got = apply(&stored(k.worker_id, k.dp_rank, parent.map(|p| 1000 + p as u64), &blocks));
+            let blocks: Vec<(u64, u64)> = chain
+                .iter()
+                .map(|&n| (1000 + n as u64, u.local[n]))
+                .collect();
+            let got = apply(&stored(
+                k.worker_id,
+                k.dp_rank,
+                parent.map(|p| 1000 + p as u64),
+                &blocks,
+            ));
             if ok {
                 model.entry(k).or_default().extend(chain.iter().copied());
             }
@@ -435,7 +529,12 @@ fn canonical(ix: &RadixIndex) -> Vec<(WorkerKey, Option<u64>, u64, u64)> {
                 unreachable!("dumps hold stored events only")
             };
             let b = &s.blocks[0];
-            (worker, s.parent_hash.map(|p| p.0), b.block_hash.0, b.tokens_hash.0)
+            (
+                worker,
+                s.parent_hash.map(|p| p.0),
+                b.block_hash.0,
+                b.tokens_hash.0,
+            )
         })
         .collect();
     v.sort_unstable();

@@ -57,7 +57,8 @@ impl WorkerBlocks {
     #[inline(always)]
     pub(crate) fn insert(&mut self, ext: u64, node: u32, ext_of: impl Fn(u32) -> u64) {
         if ext_of(node) == ext {
-            self.table.insert_unique(hash(ext), node, |&n| hash(ext_of(n)));
+            self.table
+                .insert_unique(hash(ext), node, |&n| hash(ext_of(n)));
         } else {
             self.aliases.insert(ext, node);
         }
@@ -78,6 +79,9 @@ impl WorkerBlocks {
 
     /// Every node held (each once).
     pub(crate) fn nodes(&self) -> impl Iterator<Item = u32> + '_ {
-        self.table.iter().copied().chain(self.aliases.values().copied())
+        self.table
+            .iter()
+            .copied()
+            .chain(self.aliases.values().copied())
     }
 }
