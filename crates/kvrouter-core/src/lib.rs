@@ -17,13 +17,23 @@
 //! - [`protocols`]: `RouterEvent`, `KvCacheEvent`, `WorkerKey`, `OverlapScores`.
 //! - [`index`]: `RadixIndex` (exact), `ApproxIndex` (TTL + prune), `ShardedIndex`
 //!   and `ThreadedIndex` (N writer threads, concurrent lookups).
+//! - [`config`]: `KvRouterConfig`, its validation, per-request overrides.
+//! - [`sequences`]: active sequences per worker rank (prefill and decode load).
+//! - [`selection`]: the cost function, softmax sampling, tie-breaking, router modes.
+//! - [`busy`]: busy thresholds and overload detection.
 
 #![deny(missing_docs)]
 
+pub mod busy;
+pub mod config;
 pub mod hash;
 pub mod index;
 pub mod protocols;
+pub mod selection;
+pub mod sequences;
 
+pub use config::{KvRouterConfig, RouterConfigOverride};
 pub use hash::{ExternalSequenceBlockHash, LocalBlockHash, SequenceHash};
 pub use index::{ApproxIndex, EventStats, KvCacheEventError, PruneConfig, RadixIndex};
 pub use protocols::{OverlapScores, RouterEvent, WorkerKey};
+pub use selection::{Decision, RouterMode, SelectionError};

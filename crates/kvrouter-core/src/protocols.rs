@@ -156,6 +156,25 @@ pub fn decode_router_event(bytes: &[u8]) -> Result<RouterEvent, DecodeError> {
     Ok(serde_json::from_slice(bytes)?)
 }
 
+/// Load of one worker rank, published on the `kv_metrics` subject (busy detection feed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActiveLoad {
+    /// The worker.
+    pub worker_id: WorkerId,
+    /// Its rank.
+    #[serde(default)]
+    pub dp_rank: DpRank,
+    /// Decode blocks the router predicts for the rank.
+    #[serde(default)]
+    pub active_decode_blocks: Option<u64>,
+    /// Prefill tokens queued on the rank.
+    #[serde(default)]
+    pub active_prefill_tokens: Option<u64>,
+    /// KV blocks in use, as the worker itself reports.
+    #[serde(default)]
+    pub kv_used_blocks: Option<u64>,
+}
+
 /// One worker's overlap with a looked-up prefix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WorkerOverlap {
