@@ -43,6 +43,21 @@ struct Request {
     expected_output_tokens: Option<u32>,
 }
 
+/// A request to start tracking.
+#[derive(Debug, Clone, Copy)]
+pub struct NewRequest<'a> {
+    /// Its id.
+    pub id: &'a str,
+    /// Sequence hashes of its full prompt blocks (`None`: decode load not tracked).
+    pub seq_hashes: Option<&'a [u64]>,
+    /// Prompt length in tokens.
+    pub isl: usize,
+    /// Prompt blocks already cached on the chosen worker.
+    pub overlap: u32,
+    /// Expected output length (`nvext.agent_hints.osl`), for output-block decay.
+    pub expected_output_tokens: Option<u32>,
+}
+
 /// In-flight requests on one worker rank.
 #[derive(Debug, Clone)]
 pub struct ActiveSequences {
@@ -84,31 +99,23 @@ impl ActiveSequences {
     }
 
     /// Starts tracking a request routed here.
-    pub fn add_request(
-        &mut self,
-        id: RequestId,
-        seq_hashes: Option<&[u64]>,
-        isl: usize,
-        overlap: u32,
-        expected_output_tokens: Option<u32>,
-        now: Instant,
-    ) -> Result<(), SequenceError> {
+    pub fn add_request(&mut self, req: NewRequest<'_>, now: Instant) -> Result<(), SequenceError> {
         self.expire(now);
-        if self.requests.contains_key(&id) {
-            return Err(SequenceError::DuplicateRequest(id));
+        if self.requests.contains_key(req.id) {
+            return Err(SequenceError::DuplicateRequest(req.id.to_string()));
         }
-        let prefill = self.new_tokens(isl, overlap);
+        let prefill = self.new_tokens(req.isl, req.overlap);
         self.active_tokens += prefill;
-        let blocks = seq_hashes.map(<[u64]>::to_vec).unwrap_or_default();
+        let blocks = req.seq_hashes.map(<[u64]>::to_vec).unwrap_or_default();
         for &h in &blocks {
             *self.unique_blocks.entry(h).or_insert(0) += 1;
         }
         self.requests.insert(
-            id,
+            req.id.to_string(),
             Request {
                 blocks,
                 prefill_tokens: Some(prefill),
-                expected_output_tokens,
+                expected_output_tokens: req.expected_output_tokens,
             },
         );
         Ok(())
@@ -303,27 +310,16 @@ impl SequenceTracker {
     pub fn add_request(
         &mut self,
         w: WorkerKey,
-        id: RequestId,
-        seq_hashes: Option<&[u64]>,
-        isl: usize,
-        overlap: u32,
-        expected_output_tokens: Option<u32>,
+        req: NewRequest<'_>,
         now: Instant,
     ) -> Result<(), SequenceError> {
-        if self.request_worker.contains_key(&id) {
-            return Err(SequenceError::DuplicateRequest(id));
+        if self.request_worker.contains_key(req.id) {
+            return Err(SequenceError::DuplicateRequest(req.id.to_string()));
         }
         self.add_worker(w);
         let seqs = self.workers.get_mut(&w).expect("just added");
-        seqs.add_request(
-            id.clone(),
-            seq_hashes,
-            isl,
-            overlap,
-            expected_output_tokens,
-            now,
-        )?;
-        self.request_worker.insert(id, w);
+        seqs.add_request(req, now)?;
+        self.request_worker.insert(req.id.to_string(), w);
         Ok(())
     }
 
@@ -391,13 +387,29 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn nr<'a>(
+        id: &'a str,
+        seq_hashes: Option<&'a [u64]>,
+        isl: usize,
+        overlap: u32,
+        expected_output_tokens: Option<u32>,
+    ) -> NewRequest<'a> {
+        NewRequest {
+            id,
+            seq_hashes,
+            isl,
+            overlap,
+            expected_output_tokens,
+        }
+    }
+
     #[test]
     fn shared_prefix_blocks_count_once() {
         let t0 = Instant::now();
         let mut s = ActiveSequences::new(4);
-        s.add_request("a".into(), Some(&[1, 2, 3]), 12, 0, None, t0)
+        s.add_request(nr("a", Some(&[1, 2, 3]), 12, 0, None), t0)
             .unwrap();
-        s.add_request("b".into(), Some(&[1, 2, 9]), 12, 2, None, t0)
+        s.add_request(nr("b", Some(&[1, 2, 9]), 12, 2, None), t0)
             .unwrap();
         assert_eq!(s.active_blocks(), 4);
         assert_eq!(s.active_tokens(), 12 + 4);
@@ -418,10 +430,10 @@ mod tests {
     fn duplicates_and_overlap_beyond_isl() {
         let t0 = Instant::now();
         let mut s = ActiveSequences::new(16);
-        s.add_request("a".into(), None, 10, 5, None, t0).unwrap();
+        s.add_request(nr("a", None, 10, 5, None), t0).unwrap();
         assert_eq!(s.active_tokens(), 0, "negative new tokens clamp to 0");
         assert_eq!(
-            s.add_request("a".into(), None, 10, 0, None, t0),
+            s.add_request(nr("a", None, 10, 0, None), t0),
             Err(SequenceError::DuplicateRequest("a".into()))
         );
     }
@@ -430,10 +442,9 @@ mod tests {
     fn output_blocks_decay() {
         let t0 = Instant::now();
         let mut s = ActiveSequences::new(4);
-        s.add_request("a".into(), Some(&[1, 2]), 8, 0, Some(8), t0)
+        s.add_request(nr("a", Some(&[1, 2]), 8, 0, Some(8)), t0)
             .unwrap();
-        s.add_request("b".into(), Some(&[1]), 4, 0, None, t0)
-            .unwrap();
+        s.add_request(nr("b", Some(&[1]), 4, 0, None), t0).unwrap();
         assert_eq!(ActiveSequences::output_decay(6, Some(8)), Some(0.25));
         assert_eq!(ActiveSequences::output_decay(9, Some(8)), Some(0.0));
         assert_eq!(ActiveSequences::output_decay(3, None), None);
@@ -450,18 +461,18 @@ mod tests {
     fn leaked_requests_expire_after_one_to_two_periods() {
         let t0 = Instant::now();
         let mut s = ActiveSequences::new(4);
-        s.add_request("leak".into(), Some(&[1]), 4, 0, None, t0)
+        s.add_request(nr("leak", Some(&[1]), 4, 0, None), t0)
             .unwrap();
-        s.add_request("x".into(), None, 4, 0, None, t0 + Duration::from_secs(299))
+        s.add_request(nr("x", None, 4, 0, None), t0 + Duration::from_secs(299))
             .unwrap();
         assert_eq!(s.num_requests(), 2);
         // First deadline: the snapshot taken at start was empty, so nothing expires yet.
-        s.add_request("y".into(), None, 4, 0, None, t0 + Duration::from_secs(301))
+        s.add_request(nr("y", None, 4, 0, None), t0 + Duration::from_secs(301))
             .unwrap();
         assert_eq!(s.num_requests(), 3);
         s.free("y").unwrap();
         // Second deadline: everything tracked at the first one is freed.
-        s.add_request("z".into(), None, 4, 0, None, t0 + Duration::from_secs(602))
+        s.add_request(nr("z", None, 4, 0, None), t0 + Duration::from_secs(602))
             .unwrap();
         assert_eq!(s.num_requests(), 1);
         assert_eq!((s.active_blocks(), s.active_tokens()), (0, 4));
@@ -473,7 +484,7 @@ mod tests {
         let (w1, w2) = (WorkerKey::new(1, 0), WorkerKey::new(2, 0));
         let mut t = SequenceTracker::new(4);
         t.add_worker(w2);
-        t.add_request(w1, "r".into(), Some(&[5]), 8, 1, None, t0)
+        t.add_request(w1, nr("r", Some(&[5]), 8, 1, None), t0)
             .unwrap();
         assert_eq!(t.worker_of("r"), Some(w1));
         let mut loads = t.potential_load(8, Some(&[5]), |w| u32::from(w == w1));
@@ -530,7 +541,7 @@ mod tests {
                     Op::Add(r, blocks, isl, ov) => {
                         let id = format!("r{r}");
                         let hs: Vec<u64> = blocks.iter().map(|&b| b as u64).collect();
-                        let res = s.add_request(id.clone(), Some(&hs), isl as usize, ov as u32, None, t0);
+                        let res = s.add_request(nr(&id, Some(&hs), isl as usize, ov as u32, None), t0);
                         prop_assert_eq!(res.is_ok(), !model.contains_key(&id));
                         if res.is_ok() {
                             let prefill = (isl as usize).saturating_sub(ov as usize * bs);
