@@ -1,36 +1,78 @@
-//! The `kvrouter` binary: parse, validate, run. Every subcommand lives in its own module.
+//! The `kvrouter` binary: parse, validate, run — one subcommand per service.
 
 mod bench;
+mod cli;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use cli::{Command, Parsed};
 
-/// kvrouter: KV-cache-aware request routing for distributed LLM inference.
-#[derive(Debug, Parser)]
-#[command(name = "kvrouter", version, about, propagate_version = true)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Benchmarks (release builds; results are JSON lines on stdout).
-    #[command(subcommand)]
-    Bench(bench::BenchCommand),
-}
+/// Exit code for invalid flags, variables or combinations.
+const EXIT_USAGE: u8 = 2;
+/// Exit code for a valid configuration of a service that is not built yet.
+const EXIT_NOT_BUILT: u8 = 3;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Bench(cmd) => bench::run(cmd),
-    };
-    match result {
-        Ok(code) => code,
+    let parsed = match cli::parse(std::env::args_os(), &cli::env::ProcessEnv) {
+        Ok(p) => p,
         Err(e) => {
-            eprintln!("kvrouter: error: {e:#}");
-            ExitCode::FAILURE
+            if e.to_stdout {
+                print!("{}", e.message);
+            } else {
+                eprint!("{}", e.message);
+            }
+            return ExitCode::from(e.code);
+        }
+    };
+    run(parsed)
+}
+
+fn run(parsed: Parsed) -> ExitCode {
+    let resolved = match parsed.resolve() {
+        Ok(r) => r,
+        Err(problems) => {
+            eprintln!("kvrouter: invalid configuration:");
+            for p in &problems {
+                eprintln!("  {p}");
+            }
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let dump_to = match &parsed.command {
+        Command::Frontend(a) => a.runtime.dump_config_to.clone(),
+        Command::Router(a) => a.runtime.dump_config_to.clone(),
+        Command::GlobalRouter(a) => a.runtime.dump_config_to.clone(),
+        Command::Mocker(a) => a.runtime.dump_config_to.clone(),
+        Command::Serve(a) => a.runtime.dump_config_to.clone(),
+        Command::Bench(_) => None,
+    };
+    if let Some(path) = dump_to {
+        let doc = parsed.dump(&resolved);
+        let text = serde_json::to_string_pretty(&doc).expect("JSON values serialize");
+        if let Err(e) = std::fs::write(&path, text + "\n") {
+            eprintln!("kvrouter: cannot write {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+        eprintln!(
+            "kvrouter: resolved configuration written to {}",
+            path.display()
+        );
+    }
+    match parsed.command {
+        Command::Bench(cmd) => match bench::run(cmd) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("kvrouter: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        _ => {
+            eprintln!(
+                "kvrouter {}: the configuration is valid, but this service is not built yet \
+                 (see the README's status table)",
+                resolved.subcommand
+            );
+            ExitCode::from(EXIT_NOT_BUILT)
         }
     }
 }

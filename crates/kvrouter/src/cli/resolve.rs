@@ -1,0 +1,463 @@
+//! From parsed flags to validated settings, and the `--dump-config-to` document.
+
+use std::path::Path;
+
+use clap::CommandFactory;
+use kvrouter_core::KvRouterConfig;
+use kvrouter_core::busy::LoadThresholds;
+use kvrouter_core::config::ConfigError;
+use serde_json::{Map, Value, json};
+
+use super::args::{BusyArgs, KvArgs, QueueArgs, RuntimeArgs, StoreKv};
+use super::{Cli, Command, Parsed, Source};
+
+/// One invalid setting or combination, naming the flags to change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Flags involved (`--router-temperature`).
+    pub flags: Vec<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.flags.join(" + "), self.message)
+    }
+}
+
+/// Validated settings of a service subcommand.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// Subcommand name.
+    pub subcommand: &'static str,
+    /// The KV router's configuration (frontend, router, serve).
+    pub kv_router_config: Option<KvRouterConfig>,
+    /// Busy thresholds (frontend, serve).
+    pub thresholds: Option<LoadThresholds>,
+    /// Every setting as JSON, keyed like the dump.
+    pub settings: Map<String, Value>,
+}
+
+/// `KvRouterConfig` field → the argument ids that set it.
+fn config_args(field: &str) -> &'static [&'static str] {
+    match field {
+        "use_kv_events" => &["kv_events", "no_kv_events"],
+        "router_track_active_blocks" => &["track_active_blocks", "no_track_active_blocks"],
+        "router_assume_kv_reuse" => &["assume_kv_reuse", "no_assume_kv_reuse"],
+        "overlap_score_weight" => &["overlap_score_weight"],
+        "router_temperature" => &["router_temperature"],
+        "durable_kv_events" => &["durable_kv_events"],
+        "router_replica_sync" => &["router_replica_sync"],
+        "router_track_output_blocks" => &["router_track_output_blocks"],
+        "router_snapshot_threshold" => &["router_snapshot_threshold"],
+        "router_reset_states" => &["router_reset_states"],
+        "router_ttl_secs" => &["router_ttl_secs"],
+        "router_max_tree_size" => &["router_max_tree_size"],
+        "router_prune_target_ratio" => &["router_prune_target_ratio"],
+        "router_queue_threshold" => &["router_queue_threshold"],
+        "router_event_threads" => &["router_event_threads"],
+        "enable_prefix_caching" => &["enable_prefix_caching", "no_enable_prefix_caching"],
+        "enable_chunked_prefill" => &["enable_chunked_prefill", "no_enable_chunked_prefill"],
+        "block_size" => &["block_size", "router_block_size", "kv_cache_block_size"],
+        _ => &[],
+    }
+}
+
+fn kv_config(kv: &KvArgs, queue: Option<&QueueArgs>) -> KvRouterConfig {
+    KvRouterConfig {
+        overlap_score_weight: kv.overlap_score_weight,
+        router_temperature: kv.router_temperature,
+        use_kv_events: kv.use_kv_events(),
+        durable_kv_events: kv.durable_kv_events,
+        router_replica_sync: kv.router_replica_sync,
+        router_track_active_blocks: kv.track_active_blocks(),
+        router_track_output_blocks: kv.router_track_output_blocks,
+        router_assume_kv_reuse: kv.assume_kv_reuse(),
+        router_snapshot_threshold: Some(kv.router_snapshot_threshold),
+        router_reset_states: kv.router_reset_states,
+        router_ttl_secs: kv.router_ttl_secs,
+        router_max_tree_size: kv.router_max_tree_size,
+        router_prune_target_ratio: kv.router_prune_target_ratio,
+        router_queue_threshold: queue.and_then(|q| q.router_queue_threshold),
+        router_event_threads: kv.router_event_threads,
+    }
+}
+
+fn thresholds(b: &BusyArgs) -> LoadThresholds {
+    LoadThresholds {
+        active_decode_blocks_threshold: b.active_decode_blocks_threshold,
+        active_prefill_tokens_threshold: b.active_prefill_tokens_threshold,
+        active_prefill_tokens_threshold_frac: b.active_prefill_tokens_threshold_frac,
+    }
+}
+
+/// `--flag` spelling of an argument id in subcommand `sub`.
+fn flag(sub: &str, id: &str) -> String {
+    let cmd = Cli::command();
+    let long = cmd
+        .find_subcommand(sub)
+        .and_then(|s| {
+            s.get_arguments()
+                .find(|a| a.get_id() == id)
+                .and_then(|a| a.get_long())
+        })
+        .map(str::to_string);
+    format!("--{}", long.unwrap_or_else(|| id.replace('_', "-")))
+}
+
+fn config_problems(sub: &str, errs: Vec<ConfigError>) -> Vec<Problem> {
+    errs.into_iter()
+        .map(|e| Problem {
+            flags: e
+                .fields
+                .iter()
+                .map(|f| {
+                    let ids = config_args(f);
+                    let id = ids.first().copied().unwrap_or(f);
+                    if ids.len() == 2 && ids[1].starts_with("no_") {
+                        format!("{}/{}", flag(sub, ids[0]), flag(sub, ids[1]))
+                    } else {
+                        flag(sub, id)
+                    }
+                })
+                .collect(),
+            message: e.message,
+        })
+        .collect()
+}
+
+fn must_exist(sub: &str, id: &str, path: Option<&Path>, out: &mut Vec<Problem>) {
+    if let Some(p) = path
+        && !p.exists()
+    {
+        out.push(Problem {
+            flags: vec![flag(sub, id)],
+            message: format!("{} does not exist", p.display()),
+        });
+    }
+}
+
+fn positive(sub: &str, id: &str, v: f64, min_exclusive: f64, out: &mut Vec<Problem>) {
+    if !(v.is_finite() && v > min_exclusive) {
+        out.push(Problem {
+            flags: vec![flag(sub, id)],
+            message: format!("must be a finite number > {min_exclusive}, got {v}"),
+        });
+    }
+}
+
+/// `ns.component.endpoint` (with an optional `dyn://`), each part non-empty.
+pub fn valid_endpoint(s: &str) -> bool {
+    let s = s.strip_prefix("dyn://").unwrap_or(s);
+    let parts: Vec<&str> = s.split('.').collect();
+    parts.len() == 3
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        })
+}
+
+fn runtime_problems(sub: &str, r: &RuntimeArgs, out: &mut Vec<Problem>) {
+    must_exist(
+        sub,
+        "custom_jinja_template",
+        r.custom_jinja_template.as_deref(),
+        out,
+    );
+    if r.namespace.is_empty() || r.namespace.contains(['.', ' ', '/']) {
+        out.push(Problem {
+            flags: vec![flag(sub, "namespace")],
+            message: format!(
+                "{:?} is not a namespace (no dots, spaces or slashes)",
+                r.namespace
+            ),
+        });
+    }
+}
+
+impl Parsed {
+    /// Validates every rule; returns the settings or every problem found.
+    pub fn resolve(&self) -> Result<Resolved, Vec<Problem>> {
+        let mut p = Vec::new();
+        let mut settings = Map::new();
+        let mut put = |v: Value| {
+            if let Value::Object(m) = v {
+                settings.extend(m);
+            }
+        };
+        let (sub, kv, th, block_size, store_kv): (&'static str, _, _, _, _) = match &self.command {
+            Command::Frontend(a) => {
+                let sub = "frontend";
+                runtime_problems(sub, &a.runtime, &mut p);
+                must_exist(sub, "model_path", a.model.model_path.as_deref(), &mut p);
+                if let Some(bs) = a.routing.kv_cache_block_size
+                    && bs < 2
+                {
+                    p.push(Problem {
+                        flags: vec![flag(sub, "kv_cache_block_size")],
+                        message: format!("must be at least 2, got {bs}"),
+                    });
+                }
+                for v in [
+                    json!(a.http),
+                    json!(a.model),
+                    json!(a.routing),
+                    json!(a.busy),
+                    json!(a.runtime),
+                ] {
+                    put(v);
+                }
+                let kv = kv_config(&a.kv, Some(&a.queue));
+                (
+                    sub,
+                    Some(kv),
+                    Some(thresholds(&a.busy)),
+                    a.routing.kv_cache_block_size,
+                    a.runtime.store_kv.or(Some(StoreKv::Etcd)),
+                )
+            }
+            Command::Router(a) => {
+                let sub = "router";
+                runtime_problems(sub, &a.runtime, &mut p);
+                if !valid_endpoint(&a.endpoint) {
+                    p.push(Problem {
+                        flags: vec![flag(sub, "endpoint")],
+                        message: format!("{:?} is not namespace.component.endpoint", a.endpoint),
+                    });
+                }
+                if a.router_block_size < 2 {
+                    p.push(Problem {
+                        flags: vec![flag(sub, "router_block_size")],
+                        message: format!("must be at least 2, got {}", a.router_block_size),
+                    });
+                }
+                put(json!({"endpoint": a.endpoint}));
+                put(json!(a.runtime));
+                (
+                    sub,
+                    Some(kv_config(&a.kv, None)),
+                    None,
+                    Some(a.router_block_size),
+                    a.runtime.store_kv.or(Some(StoreKv::Etcd)),
+                )
+            }
+            Command::GlobalRouter(a) => {
+                let sub = "global-router";
+                runtime_problems(sub, &a.runtime, &mut p);
+                must_exist(sub, "config", Some(&a.config), &mut p);
+                for (id, v) in [
+                    ("default_ttft_target", a.default_ttft_target),
+                    ("default_itl_target", a.default_itl_target),
+                ] {
+                    if let Some(v) = v {
+                        positive(sub, id, v, 0.0, &mut p);
+                    }
+                }
+                if a.model_name.is_empty() {
+                    p.push(Problem {
+                        flags: vec![flag(sub, "model_name")],
+                        message: "must not be empty".into(),
+                    });
+                }
+                put(json!({
+                    "config": a.config, "model_name": a.model_name, "component_name": a.component_name,
+                    "default_ttft_target": a.default_ttft_target, "default_itl_target": a.default_itl_target,
+                }));
+                put(json!(a.runtime));
+                (
+                    sub,
+                    None,
+                    None,
+                    None,
+                    a.runtime.store_kv.or(Some(StoreKv::Etcd)),
+                )
+            }
+            Command::Mocker(a) => {
+                let sub = "mocker";
+                runtime_problems(sub, &a.runtime, &mut p);
+                engine_problems(sub, &a.engine, &mut p);
+                must_exist(sub, "model_path", a.model.model_path.as_deref(), &mut p);
+                if !valid_endpoint(&a.endpoint) {
+                    p.push(Problem {
+                        flags: vec![flag(sub, "endpoint")],
+                        message: format!("{:?} is not namespace.component.endpoint", a.endpoint),
+                    });
+                }
+                if a.num_workers < 1 {
+                    p.push(Problem {
+                        flags: vec![flag(sub, "num_workers")],
+                        message: "must be at least 1".into(),
+                    });
+                }
+                put(json!(a.model));
+                put(
+                    json!({"model_name": a.model.model_name.clone().unwrap_or_else(|| "mock-model".into())}),
+                );
+                put(json!(a.engine));
+                put(
+                    json!({"enable_prefix_caching": a.engine.enable_prefix_caching(), "enable_chunked_prefill": a.engine.enable_chunked_prefill()}),
+                );
+                put(json!({"endpoint": a.endpoint, "num_workers": a.num_workers}));
+                put(json!(a.runtime));
+                (
+                    sub,
+                    None,
+                    None,
+                    Some(a.engine.block_size),
+                    a.runtime.store_kv.or(Some(StoreKv::Etcd)),
+                )
+            }
+            Command::Serve(a) => {
+                let sub = "serve";
+                runtime_problems(sub, &a.runtime, &mut p);
+                engine_problems(sub, &a.engine, &mut p);
+                must_exist(sub, "model_path", a.model.model_path.as_deref(), &mut p);
+                if let Some(bs) = a.routing.kv_cache_block_size
+                    && bs != a.engine.block_size
+                {
+                    p.push(Problem {
+                        flags: vec![flag(sub, "kv_cache_block_size"), flag(sub, "block_size")],
+                        message: format!(
+                            "the router's block size ({bs}) must equal the mock workers' ({})",
+                            a.engine.block_size
+                        ),
+                    });
+                }
+                if a.workers < 1 {
+                    p.push(Problem {
+                        flags: vec![flag(sub, "workers")],
+                        message: "must be at least 1".into(),
+                    });
+                }
+                if let Some(s) = a.runtime.store_kv
+                    && s != StoreKv::Mem
+                {
+                    p.push(Problem {
+                        flags: vec![flag(sub, "store_kv")],
+                        message: "serve runs everything in one process: only `mem` applies".into(),
+                    });
+                }
+                for v in [
+                    json!(a.http),
+                    json!(a.model),
+                    json!(a.routing),
+                    json!(a.busy),
+                    json!(a.engine),
+                    json!(a.runtime),
+                ] {
+                    put(v);
+                }
+                put(
+                    json!({"workers": a.workers, "model_name": a.model.model_name.clone().unwrap_or_else(|| "mock-model".into())}),
+                );
+                put(
+                    json!({"enable_prefix_caching": a.engine.enable_prefix_caching(), "enable_chunked_prefill": a.engine.enable_chunked_prefill()}),
+                );
+                let kv = kv_config(&a.kv, Some(&a.queue));
+                (
+                    sub,
+                    Some(kv),
+                    Some(thresholds(&a.busy)),
+                    Some(a.engine.block_size),
+                    Some(StoreKv::Mem),
+                )
+            }
+            Command::Bench(_) => {
+                return Ok(Resolved {
+                    subcommand: "bench",
+                    kv_router_config: None,
+                    thresholds: None,
+                    settings,
+                });
+            }
+        };
+        if let Some(kv) = &kv {
+            p.extend(config_problems(sub, kv.validate()));
+        }
+        if let Some(th) = &th {
+            for e in th.validate() {
+                p.push(Problem {
+                    flags: e.fields.iter().map(|f| flag(sub, f)).collect(),
+                    message: e.message,
+                });
+            }
+        }
+        settings.insert("block_size".into(), json!(block_size));
+        settings.insert("store_kv".into(), json!(store_kv));
+        if !p.is_empty() {
+            return Err(p);
+        }
+        Ok(Resolved {
+            subcommand: sub,
+            kv_router_config: kv,
+            thresholds: th,
+            settings,
+        })
+    }
+
+    /// Where a resolved key's value came from.
+    pub fn source_of(&self, key: &str) -> Source {
+        let ids = config_args(key);
+        let ids: Vec<&str> = if ids.is_empty() {
+            vec![key]
+        } else {
+            ids.to_vec()
+        };
+        ids.iter()
+            .filter_map(|id| self.sources.get(*id))
+            .find(|s| **s != Source::Default)
+            .cloned()
+            .unwrap_or(Source::Default)
+    }
+
+    /// The `--dump-config-to` document: values and their sources.
+    pub fn dump(&self, r: &Resolved) -> Value {
+        let mut sources = Map::new();
+        let mut keys: Vec<String> = r.settings.keys().cloned().collect();
+        let kv = r.kv_router_config.as_ref().map(|c| json!(c));
+        if let Some(Value::Object(m)) = &kv {
+            keys.extend(m.keys().cloned());
+        }
+        for k in keys {
+            sources.insert(k.clone(), json!(self.source_of(&k).to_string()));
+        }
+        json!({
+            "subcommand": r.subcommand,
+            "kv_router_config": kv,
+            "busy_thresholds": r.thresholds,
+            "settings": r.settings,
+            "sources": sources,
+        })
+    }
+}
+
+fn engine_problems(sub: &str, e: &super::args::EngineArgs, out: &mut Vec<Problem>) {
+    for (id, v) in [
+        ("num_gpu_blocks", e.num_gpu_blocks),
+        ("max_num_seqs", e.max_num_seqs as u64),
+        ("max_num_batched_tokens", e.max_num_batched_tokens as u64),
+        ("data_parallel_size", e.data_parallel_size as u64),
+    ] {
+        if v < 1 {
+            out.push(Problem {
+                flags: vec![flag(sub, id)],
+                message: "must be at least 1".into(),
+            });
+        }
+    }
+    if e.block_size < 2 {
+        out.push(Problem {
+            flags: vec![flag(sub, "block_size")],
+            message: format!("must be at least 2, got {}", e.block_size),
+        });
+    }
+    if !(e.watermark.is_finite() && (0.0..1.0).contains(&e.watermark)) {
+        out.push(Problem {
+            flags: vec![flag(sub, "watermark")],
+            message: format!("must be in [0, 1), got {}", e.watermark),
+        });
+    }
+    positive(sub, "speedup_ratio", e.speedup_ratio, 0.0, out);
+}

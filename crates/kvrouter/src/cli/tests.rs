@@ -1,0 +1,828 @@
+//! Every flag and every environment variable, through an injected environment.
+
+use std::collections::{HashMap, HashSet};
+
+use serde_json::{Value, json};
+
+use super::env::{ENV, EnvKind};
+use super::*;
+
+fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Required flags of each subcommand, so a row can test one flag alone.
+fn base(sub: &str) -> Vec<&'static str> {
+    match sub {
+        "router" => vec!["--endpoint", "dynamo.backend.generate"],
+        "global-router" => vec!["--config", "Cargo.toml", "--model-name", "m"],
+        _ => vec![],
+    }
+}
+
+fn run(sub: &str, tail: &[&str], e: &HashMap<String, String>) -> (Parsed, Value) {
+    run_without(sub, tail, e, "")
+}
+
+/// Like [`run`], leaving `skip` (an argument id) out of the required base flags.
+fn run_without(
+    sub: &str,
+    tail: &[&str],
+    e: &HashMap<String, String>,
+    skip: &str,
+) -> (Parsed, Value) {
+    let mut argv = vec!["kvrouter", sub];
+    let flag = format!("--{}", skip.replace('_', "-"));
+    for pair in base(sub).chunks(2) {
+        if pair[0] != flag {
+            argv.extend(pair);
+        }
+    }
+    argv.extend(tail);
+    let parsed = parse(argv.clone(), e).unwrap_or_else(|err| panic!("{argv:?}: {}", err.message));
+    let resolved = parsed
+        .resolve()
+        .unwrap_or_else(|p| panic!("{argv:?}: {p:?}"));
+    let dump = parsed.dump(&resolved);
+    (parsed, dump)
+}
+
+/// A resolved value by key, wherever the dump keeps it.
+fn value(dump: &Value, key: &str) -> Value {
+    for section in ["kv_router_config", "busy_thresholds", "settings"] {
+        if let Some(v) = dump[section].get(key) {
+            return v.clone();
+        }
+    }
+    panic!("no key {key} in {dump}")
+}
+
+/// (arg id, subcommand, CLI tokens, key in the dump, expected value).
+fn flag_rows() -> Vec<(
+    &'static str,
+    &'static str,
+    Vec<&'static str>,
+    &'static str,
+    Value,
+)> {
+    vec![
+        (
+            "http_host",
+            "frontend",
+            vec!["--http-host", "127.0.0.1"],
+            "http_host",
+            json!("127.0.0.1"),
+        ),
+        (
+            "http_port",
+            "frontend",
+            vec!["--http-port", "9000"],
+            "http_port",
+            json!(9000),
+        ),
+        (
+            "model_name",
+            "frontend",
+            vec!["--model-name", "llama"],
+            "model_name",
+            json!("llama"),
+        ),
+        (
+            "model_path",
+            "frontend",
+            vec!["--model-path", "."],
+            "model_path",
+            json!("."),
+        ),
+        (
+            "router_mode",
+            "frontend",
+            vec!["--router-mode", "kv"],
+            "router_mode",
+            json!("kv"),
+        ),
+        (
+            "kv_cache_block_size",
+            "frontend",
+            vec!["--kv-cache-block-size", "32"],
+            "block_size",
+            json!(32),
+        ),
+        (
+            "migration_limit",
+            "frontend",
+            vec!["--migration-limit", "3"],
+            "migration_limit",
+            json!(3),
+        ),
+        (
+            "enforce_disagg",
+            "frontend",
+            vec!["--enforce-disagg"],
+            "enforce_disagg",
+            json!(true),
+        ),
+        (
+            "overlap_score_weight",
+            "frontend",
+            vec!["--kv-overlap-score-weight", "2.5"],
+            "overlap_score_weight",
+            json!(2.5),
+        ),
+        (
+            "router_temperature",
+            "frontend",
+            vec!["--router-temperature", "0.5"],
+            "router_temperature",
+            json!(0.5),
+        ),
+        (
+            "kv_events",
+            "frontend",
+            vec!["--no-kv-events", "--kv-events"],
+            "use_kv_events",
+            json!(true),
+        ),
+        (
+            "no_kv_events",
+            "frontend",
+            vec!["--no-kv-events"],
+            "use_kv_events",
+            json!(false),
+        ),
+        (
+            "durable_kv_events",
+            "frontend",
+            vec!["--durable-kv-events"],
+            "durable_kv_events",
+            json!(true),
+        ),
+        (
+            "router_replica_sync",
+            "frontend",
+            vec!["--router-replica-sync"],
+            "router_replica_sync",
+            json!(true),
+        ),
+        (
+            "router_snapshot_threshold",
+            "frontend",
+            vec!["--router-snapshot-threshold", "50"],
+            "router_snapshot_threshold",
+            json!(50),
+        ),
+        (
+            "router_reset_states",
+            "frontend",
+            vec!["--router-reset-states"],
+            "router_reset_states",
+            json!(true),
+        ),
+        (
+            "track_active_blocks",
+            "frontend",
+            vec!["--no-track-active-blocks", "--track-active-blocks"],
+            "router_track_active_blocks",
+            json!(true),
+        ),
+        (
+            "no_track_active_blocks",
+            "frontend",
+            vec!["--no-track-active-blocks"],
+            "router_track_active_blocks",
+            json!(false),
+        ),
+        (
+            "router_track_output_blocks",
+            "frontend",
+            vec!["--track-output-blocks"],
+            "router_track_output_blocks",
+            json!(true),
+        ),
+        (
+            "assume_kv_reuse",
+            "frontend",
+            vec!["--no-assume-kv-reuse", "--assume-kv-reuse"],
+            "router_assume_kv_reuse",
+            json!(true),
+        ),
+        (
+            "no_assume_kv_reuse",
+            "frontend",
+            vec!["--no-assume-kv-reuse"],
+            "router_assume_kv_reuse",
+            json!(false),
+        ),
+        (
+            "router_ttl_secs",
+            "frontend",
+            vec!["--router-ttl", "90s"],
+            "router_ttl_secs",
+            json!(90.0),
+        ),
+        (
+            "router_max_tree_size",
+            "frontend",
+            vec!["--router-max-tree-size", "1000"],
+            "router_max_tree_size",
+            json!(1000),
+        ),
+        (
+            "router_prune_target_ratio",
+            "frontend",
+            vec!["--router-prune-target-ratio", "0.5"],
+            "router_prune_target_ratio",
+            json!(0.5),
+        ),
+        (
+            "router_event_threads",
+            "frontend",
+            vec!["--router-event-threads", "4"],
+            "router_event_threads",
+            json!(4),
+        ),
+        (
+            "router_queue_threshold",
+            "frontend",
+            vec!["--router-queue-threshold", "2"],
+            "router_queue_threshold",
+            json!(2.0),
+        ),
+        (
+            "active_decode_blocks_threshold",
+            "frontend",
+            vec!["--active-decode-blocks-threshold", "0.9"],
+            "active_decode_blocks_threshold",
+            json!(0.9),
+        ),
+        (
+            "active_prefill_tokens_threshold",
+            "frontend",
+            vec!["--active-prefill-tokens-threshold", "5000"],
+            "active_prefill_tokens_threshold",
+            json!(5000),
+        ),
+        (
+            "active_prefill_tokens_threshold_frac",
+            "frontend",
+            vec!["--active-prefill-tokens-threshold-frac", "1.5"],
+            "active_prefill_tokens_threshold_frac",
+            json!(1.5),
+        ),
+        (
+            "namespace",
+            "frontend",
+            vec!["--namespace", "prod"],
+            "namespace",
+            json!("prod"),
+        ),
+        (
+            "store_kv",
+            "frontend",
+            vec!["--store-kv", "file"],
+            "store_kv",
+            json!("file"),
+        ),
+        (
+            "request_plane",
+            "frontend",
+            vec!["--request-plane", "nats"],
+            "request_plane",
+            json!("nats"),
+        ),
+        (
+            "event_plane",
+            "frontend",
+            vec!["--event-plane", "zmq"],
+            "event_plane",
+            json!("zmq"),
+        ),
+        (
+            "connector",
+            "frontend",
+            vec!["--connector", "nixl,lmcache"],
+            "connector",
+            json!(["nixl", "lmcache"]),
+        ),
+        (
+            "dyn_tool_call_parser",
+            "frontend",
+            vec!["--dyn-tool-call-parser", "hermes"],
+            "dyn_tool_call_parser",
+            json!("hermes"),
+        ),
+        (
+            "dyn_reasoning_parser",
+            "frontend",
+            vec!["--dyn-reasoning-parser", "deepseek_r1"],
+            "dyn_reasoning_parser",
+            json!("deepseek_r1"),
+        ),
+        (
+            "custom_jinja_template",
+            "frontend",
+            vec!["--custom-jinja-template", "Cargo.toml"],
+            "custom_jinja_template",
+            json!("Cargo.toml"),
+        ),
+        (
+            "endpoint_types",
+            "frontend",
+            vec!["--endpoint-types", "chat"],
+            "endpoint_types",
+            json!(["chat"]),
+        ),
+        (
+            "dump_config_to",
+            "frontend",
+            vec!["--dump-config-to", "out.json"],
+            "dump_config_to",
+            json!("out.json"),
+        ),
+        (
+            "endpoint",
+            "router",
+            vec!["--endpoint", "dyn://ns.prefill.generate"],
+            "endpoint",
+            json!("dyn://ns.prefill.generate"),
+        ),
+        (
+            "router_block_size",
+            "router",
+            vec!["--block-size", "64"],
+            "block_size",
+            json!(64),
+        ),
+        (
+            "config",
+            "global-router",
+            vec!["--config", "src/main.rs"],
+            "config",
+            json!("src/main.rs"),
+        ),
+        (
+            "component_name",
+            "global-router",
+            vec!["--component-name", "gr"],
+            "component_name",
+            json!("gr"),
+        ),
+        (
+            "default_ttft_target",
+            "global-router",
+            vec!["--default-ttft-target", "100"],
+            "default_ttft_target",
+            json!(100.0),
+        ),
+        (
+            "default_itl_target",
+            "global-router",
+            vec!["--default-itl-target", "50"],
+            "default_itl_target",
+            json!(50.0),
+        ),
+        (
+            "num_gpu_blocks",
+            "mocker",
+            vec!["--num-gpu-blocks", "1024"],
+            "num_gpu_blocks",
+            json!(1024),
+        ),
+        (
+            "block_size",
+            "mocker",
+            vec!["--block-size", "16"],
+            "block_size",
+            json!(16),
+        ),
+        (
+            "max_num_seqs",
+            "mocker",
+            vec!["--max-num-seqs", "8"],
+            "max_num_seqs",
+            json!(8),
+        ),
+        (
+            "max_num_batched_tokens",
+            "mocker",
+            vec!["--max-num-batched-tokens", "2048"],
+            "max_num_batched_tokens",
+            json!(2048),
+        ),
+        (
+            "enable_prefix_caching",
+            "mocker",
+            vec!["--no-enable-prefix-caching", "--enable-prefix-caching"],
+            "enable_prefix_caching",
+            json!(true),
+        ),
+        (
+            "no_enable_prefix_caching",
+            "mocker",
+            vec!["--no-enable-prefix-caching"],
+            "enable_prefix_caching",
+            json!(false),
+        ),
+        (
+            "enable_chunked_prefill",
+            "mocker",
+            vec!["--no-enable-chunked-prefill", "--enable-chunked-prefill"],
+            "enable_chunked_prefill",
+            json!(true),
+        ),
+        (
+            "no_enable_chunked_prefill",
+            "mocker",
+            vec!["--no-enable-chunked-prefill"],
+            "enable_chunked_prefill",
+            json!(false),
+        ),
+        (
+            "watermark",
+            "mocker",
+            vec!["--watermark", "0.05"],
+            "watermark",
+            json!(0.05),
+        ),
+        (
+            "speedup_ratio",
+            "mocker",
+            vec!["--speedup-ratio", "10"],
+            "speedup_ratio",
+            json!(10.0),
+        ),
+        (
+            "data_parallel_size",
+            "mocker",
+            vec!["--data-parallel-size", "2"],
+            "data_parallel_size",
+            json!(2),
+        ),
+        (
+            "num_workers",
+            "mocker",
+            vec!["--num-workers", "3"],
+            "num_workers",
+            json!(3),
+        ),
+        (
+            "workers",
+            "serve",
+            vec!["--workers", "8"],
+            "workers",
+            json!(8),
+        ),
+    ]
+}
+
+#[test]
+fn every_flag_sets_its_value_and_is_sourced_from_the_cli() {
+    let none = env(&[]);
+    for (id, sub, tokens, key, want) in flag_rows() {
+        let (parsed, dump) = run(sub, &tokens, &none);
+        assert_eq!(value(&dump, key), want, "{sub} {tokens:?}");
+        assert_eq!(
+            dump["sources"][key],
+            json!("cli"),
+            "{sub} {tokens:?} source of {key} ({id})"
+        );
+        assert_eq!(parsed.sources.get(id), Some(&Source::Cli), "{id}");
+    }
+}
+
+#[test]
+fn every_flag_of_every_subcommand_has_a_row() {
+    let rows: HashSet<(&str, &str)> = flag_rows().iter().map(|r| (r.1, r.0)).collect();
+    let ids: HashSet<&str> = rows.iter().map(|r| r.1).collect();
+    let cmd = command();
+    for sub in cmd.get_subcommands().filter(|s| s.get_name() != "bench") {
+        for arg in sub.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            assert!(
+                ids.contains(id),
+                "flag {id} of {} has no test row",
+                sub.get_name()
+            );
+        }
+    }
+}
+
+#[test]
+fn every_environment_variable_is_read() {
+    let rows = flag_rows();
+    let mut tested = 0;
+    for var in ENV {
+        for name in var.names {
+            // Take the flag row's value; switches are tested in their non-default direction.
+            let (sub, env_value, key, want) = match var.kind {
+                EnvKind::Value => {
+                    let row = rows
+                        .iter()
+                        .find(|r| r.0 == var.arg)
+                        .expect("row per env arg");
+                    let v = row.2.last().expect("a value token").to_string();
+                    (row.1, v, row.3, row.4.clone())
+                }
+                EnvKind::Bool {
+                    negative: Some(neg),
+                } => {
+                    let row = rows
+                        .iter()
+                        .find(|r| r.0 == neg)
+                        .expect("row per negative switch");
+                    (row.1, "false".to_string(), row.3, row.4.clone())
+                }
+                EnvKind::Bool { negative: None } => {
+                    let row = rows
+                        .iter()
+                        .find(|r| r.0 == var.arg)
+                        .expect("row per switch");
+                    (row.1, "true".to_string(), row.3, row.4.clone())
+                }
+            };
+            let (_, dump) = run_without(sub, &[], &env(&[(name, &env_value)]), var.arg);
+            assert_eq!(value(&dump, key), want, "{name}={env_value}");
+            assert_eq!(dump["sources"][key], json!(format!("env:{name}")), "{name}");
+            tested += 1;
+        }
+    }
+    assert!(tested >= 60, "{tested}");
+}
+
+#[test]
+fn precedence_cli_over_env_over_default() {
+    let e = env(&[
+        ("DYN_ROUTER_TEMPERATURE", "0.7"),
+        ("DYN_KV_EVENTS", "false"),
+    ]);
+    let (_, d) = run(
+        "frontend",
+        &["--router-temperature", "0.2", "--kv-events"],
+        &e,
+    );
+    assert_eq!(value(&d, "router_temperature"), json!(0.2));
+    assert_eq!(value(&d, "use_kv_events"), json!(true));
+    assert_eq!(d["sources"]["router_temperature"], json!("cli"));
+    let (_, d) = run("frontend", &[], &e);
+    assert_eq!(value(&d, "router_temperature"), json!(0.7));
+    assert_eq!(value(&d, "use_kv_events"), json!(false));
+    let (_, d) = run("frontend", &[], &env(&[]));
+    assert_eq!(value(&d, "router_temperature"), json!(0.0));
+    assert_eq!(d["sources"]["router_temperature"], json!("default"));
+    // The first alias set wins over later ones.
+    let e = env(&[
+        ("DYN_OVERLAP_SCORE_WEIGHT", "3"),
+        ("DYN_KV_OVERLAP_SCORE_WEIGHT", "2"),
+    ]);
+    assert_eq!(
+        value(&run("frontend", &[], &e).1, "overlap_score_weight"),
+        json!(2.0)
+    );
+}
+
+#[test]
+fn defaults_match_the_seed_documents() {
+    let none = env(&[]);
+    let (_, d) = run("frontend", &[], &none);
+    assert_eq!(
+        d["kv_router_config"],
+        json!(kvrouter_core::KvRouterConfig::default())
+    );
+    for (key, want) in [
+        ("router_mode", json!("round-robin")),
+        ("http_port", json!(8000)),
+        ("namespace", json!("dynamo")),
+        ("request_plane", json!("tcp")),
+        ("event_plane", json!("nats")),
+        ("store_kv", json!("etcd")),
+        ("block_size", Value::Null),
+    ] {
+        assert_eq!(value(&d, key), want, "{key}");
+    }
+    assert_eq!(
+        value(&run("router", &[], &none).1, "block_size"),
+        json!(128)
+    );
+    let (_, m) = run("mocker", &[], &none);
+    for (key, want) in [
+        ("num_gpu_blocks", json!(16384)),
+        ("block_size", json!(64)),
+        ("max_num_seqs", json!(256)),
+        ("max_num_batched_tokens", json!(8192)),
+        ("enable_prefix_caching", json!(true)),
+        ("enable_chunked_prefill", json!(true)),
+        ("watermark", json!(0.01)),
+        ("speedup_ratio", json!(1.0)),
+        ("model_name", json!("mock-model")),
+        ("endpoint", json!("dynamo.backend.generate")),
+    ] {
+        assert_eq!(value(&m, key), want, "{key}");
+    }
+    assert_eq!(value(&run("serve", &[], &none).1, "store_kv"), json!("mem"));
+    assert_eq!(
+        value(&run("global-router", &[], &none).1, "component_name"),
+        json!("global_router")
+    );
+}
+
+fn problems(sub: &str, tail: &[&str]) -> Vec<String> {
+    let mut argv = vec!["kvrouter", sub];
+    argv.extend(base(sub));
+    argv.extend(tail);
+    let parsed = parse(argv, &env(&[])).unwrap_or_else(|e| panic!("{}", e.message));
+    parsed
+        .resolve()
+        .expect_err("invalid")
+        .iter()
+        .map(|p| p.to_string())
+        .collect()
+}
+
+#[test]
+fn every_validation_rule_names_its_flags() {
+    let cases: &[(&str, &[&str], &str)] = &[
+        (
+            "frontend",
+            &["--durable-kv-events", "--no-kv-events"],
+            "--durable-kv-events + --kv-events/--no-kv-events",
+        ),
+        (
+            "frontend",
+            &["--router-event-threads", "2", "--no-kv-events"],
+            "--router-event-threads + --kv-events/--no-kv-events",
+        ),
+        (
+            "frontend",
+            &["--track-output-blocks", "--no-track-active-blocks"],
+            "--track-output-blocks + --track-active-blocks",
+        ),
+        (
+            "frontend",
+            &["--kv-overlap-score-weight", "-1"],
+            "--kv-overlap-score-weight:",
+        ),
+        (
+            "frontend",
+            &["--router-temperature", "-0.1"],
+            "--router-temperature:",
+        ),
+        (
+            "frontend",
+            &["--router-prune-target-ratio", "1.1"],
+            "--router-prune-target-ratio:",
+        ),
+        (
+            "frontend",
+            &["--router-max-tree-size", "0"],
+            "--router-max-tree-size:",
+        ),
+        (
+            "frontend",
+            &["--router-event-threads", "0"],
+            "--router-event-threads:",
+        ),
+        (
+            "frontend",
+            &["--router-snapshot-threshold", "0"],
+            "--router-snapshot-threshold:",
+        ),
+        (
+            "frontend",
+            &["--router-queue-threshold", "-1"],
+            "--router-queue-threshold:",
+        ),
+        ("frontend", &["--router-ttl", "-5"], ""),
+        (
+            "frontend",
+            &["--active-decode-blocks-threshold", "1.2"],
+            "--active-decode-blocks-threshold:",
+        ),
+        (
+            "frontend",
+            &["--active-prefill-tokens-threshold-frac", "-2"],
+            "--active-prefill-tokens-threshold-frac:",
+        ),
+        (
+            "frontend",
+            &["--kv-cache-block-size", "1"],
+            "--kv-cache-block-size:",
+        ),
+        (
+            "frontend",
+            &["--model-path", "no/such/dir"],
+            "--model-path:",
+        ),
+        (
+            "frontend",
+            &["--custom-jinja-template", "no/such.jinja"],
+            "--custom-jinja-template:",
+        ),
+        ("frontend", &["--namespace", "a.b"], "--namespace:"),
+        ("router", &["--endpoint", "just-one-part"], "--endpoint:"),
+        ("router", &["--block-size", "1"], "--block-size:"),
+        ("global-router", &["--config", "missing.json"], "--config:"),
+        (
+            "global-router",
+            &["--default-ttft-target", "0"],
+            "--default-ttft-target:",
+        ),
+        (
+            "global-router",
+            &["--default-itl-target", "-3"],
+            "--default-itl-target:",
+        ),
+        ("mocker", &["--watermark", "1"], "--watermark:"),
+        ("mocker", &["--speedup-ratio", "0"], "--speedup-ratio:"),
+        ("mocker", &["--num-gpu-blocks", "0"], "--num-gpu-blocks:"),
+        ("mocker", &["--block-size", "1"], "--block-size:"),
+        ("mocker", &["--endpoint", "a.b"], "--endpoint:"),
+        ("mocker", &["--num-workers", "0"], "--num-workers:"),
+        (
+            "serve",
+            &["--kv-cache-block-size", "32", "--block-size", "64"],
+            "--kv-cache-block-size + --block-size",
+        ),
+        ("serve", &["--store-kv", "etcd"], "--store-kv:"),
+        ("serve", &["--workers", "0"], "--workers:"),
+    ];
+    for (sub, tail, needle) in cases {
+        if needle.is_empty() {
+            // Rejected by the flag's own parser (clap), exit code 2 too.
+            let mut argv = vec!["kvrouter", sub];
+            argv.extend(*tail);
+            let err = parse(argv, &env(&[])).expect_err("rejected");
+            assert_eq!(err.code, 2);
+            continue;
+        }
+        let got = problems(sub, tail);
+        assert!(
+            got.iter().any(|p| p.contains(needle)),
+            "{sub} {tail:?}: {got:?}"
+        );
+    }
+    // All problems at once.
+    let all = problems(
+        "frontend",
+        &[
+            "--router-temperature",
+            "-1",
+            "--no-kv-events",
+            "--durable-kv-events",
+            "--router-max-tree-size",
+            "0",
+        ],
+    );
+    assert_eq!(all.len(), 3, "{all:?}");
+}
+
+#[test]
+fn bad_values_are_rejected_with_exit_code_2() {
+    for (argv, env_pairs) in [
+        (
+            vec!["kvrouter", "frontend", "--router-mode", "fastest"],
+            vec![],
+        ),
+        (vec!["kvrouter", "frontend", "--store-kv", "redis"], vec![]),
+        (vec!["kvrouter", "frontend", "--http-port", "99999"], vec![]),
+        (vec!["kvrouter", "frontend", "--no-such-flag"], vec![]),
+        (vec!["kvrouter", "router"], vec![]),
+        (
+            vec!["kvrouter", "frontend"],
+            vec![("DYN_ROUTER_MODE", "fastest")],
+        ),
+        (
+            vec!["kvrouter", "frontend"],
+            vec![("DYN_KV_EVENTS", "perhaps")],
+        ),
+    ] {
+        let err = parse(argv.clone(), &env(&env_pairs)).expect_err("rejected");
+        assert_eq!(err.code, 2, "{argv:?} {env_pairs:?}");
+        assert!(!err.to_stdout);
+    }
+    let e = parse(
+        ["kvrouter", "frontend"],
+        &env(&[("DYN_ROUTER_MODE", "fastest")]),
+    )
+    .unwrap_err();
+    assert!(e.message.contains("DYN_ROUTER_MODE"), "{}", e.message);
+    let help = parse(["kvrouter", "frontend", "--help"], &env(&[])).unwrap_err();
+    assert_eq!(help.code, 0);
+    assert!(
+        help.message.contains("[env: DYN_ROUTER_MODE]"),
+        "help lists env vars"
+    );
+}
+
+#[test]
+fn router_endpoint_and_required_flags_come_from_env_too() {
+    let e = env(&[("DYN_ENDPOINT", "ns.worker.generate")]);
+    let parsed = parse(["kvrouter", "router"], &e).expect("endpoint from env");
+    let r = parsed.resolve().unwrap();
+    assert_eq!(r.settings["endpoint"], json!("ns.worker.generate"));
+}

@@ -1,0 +1,89 @@
+//! The binary's exit codes and `--dump-config-to`, run as a user would (a child
+//! process with its own environment; the test process's is never changed).
+
+use std::process::Command;
+
+fn kvrouter() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kvrouter"));
+    // Start from a clean slate so the machine's own DYN_* cannot leak in.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("DYN_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+#[test]
+fn invalid_combination_exits_2_and_names_every_flag() {
+    let out = kvrouter()
+        .args([
+            "frontend",
+            "--durable-kv-events",
+            "--no-kv-events",
+            "--router-temperature",
+            "-1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--durable-kv-events"), "{err}");
+    assert!(err.contains("--router-temperature"), "{err}");
+}
+
+#[test]
+fn unknown_value_from_env_exits_2() {
+    let out = kvrouter()
+        .args(["frontend"])
+        .env("DYN_ROUTER_MODE", "nearest")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("DYN_ROUTER_MODE"));
+}
+
+#[test]
+fn valid_service_config_is_dumped_then_reported_not_built() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("resolved.json");
+    let out = kvrouter()
+        .args(["router", "--block-size", "32", "--dump-config-to"])
+        .arg(&path)
+        .env("DYN_ENDPOINT", "ns.prefill.generate")
+        .env("DYN_ROUTER_TEMPERATURE", "0.25")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not built yet"));
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(doc["kv_router_config"]["router_temperature"], 0.25);
+    assert_eq!(doc["settings"]["block_size"], 32);
+    assert_eq!(doc["settings"]["endpoint"], "ns.prefill.generate");
+    assert_eq!(
+        doc["sources"]["router_temperature"],
+        "env:DYN_ROUTER_TEMPERATURE"
+    );
+    assert_eq!(doc["sources"]["block_size"], "cli");
+    assert_eq!(doc["sources"]["router_max_tree_size"], "default");
+}
+
+#[test]
+fn help_exits_0_and_lists_env_vars() {
+    let out = kvrouter().args(["serve", "--help"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "--kv-overlap-score-weight",
+        "DYN_KV_OVERLAP_SCORE_WEIGHT",
+        "--num-gpu-blocks",
+        "--workers",
+    ] {
+        assert!(help.contains(needle), "{needle}");
+    }
+}
