@@ -26,6 +26,7 @@
 
 pub mod busy;
 pub mod config;
+mod fast_hash;
 pub mod hash;
 pub mod index;
 pub mod protocols;

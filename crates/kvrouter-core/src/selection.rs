@@ -15,6 +15,7 @@ use std::str::FromStr;
 
 use rand::{Rng, RngExt};
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 
 use crate::protocols::WorkerKey;
 
@@ -144,18 +145,19 @@ pub fn select_kv<R: Rng + ?Sized>(
     if candidates.is_empty() {
         return Err(SelectionError::NoWorkers);
     }
-    let (min, max) = candidates
+    // Each cost once: selection is O(workers) and runs on every request.
+    let costs: SmallVec<[f64; 64]> = candidates.iter().map(|c| cost(req, c).2).collect();
+    let (min, max) = costs
         .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), c| {
-            let v = cost(req, c).2;
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
             (lo.min(v), hi.max(v))
         });
     let (index, tied) = if req.temperature > 0.0 && max > min {
-        (softmax_pick(req, candidates, min, max, rng), 1)
+        (softmax_pick(req.temperature, &costs, min, max, rng), 1)
     } else if req.temperature > 0.0 {
         (rng.random_range(0..candidates.len()), candidates.len())
     } else {
-        lowest(req, candidates, min, rng)
+        lowest(candidates, &costs, min, rng)
     };
     let c = &candidates[index];
     let (prefill_blocks, decode_blocks, cost) = cost(req, c);
@@ -172,8 +174,8 @@ pub fn select_kv<R: Rng + ?Sized>(
 
 /// The cheapest candidates; among them the smallest tree, then uniformly.
 fn lowest<R: Rng + ?Sized>(
-    req: &RouteRequest,
     candidates: &[Candidate],
+    costs: &[f64],
     min: f64,
     rng: &mut R,
 ) -> (usize, usize) {
@@ -182,7 +184,7 @@ fn lowest<R: Rng + ?Sized>(
     let mut chosen = 0usize;
     let mut at_min = 0usize;
     for (i, c) in candidates.iter().enumerate() {
-        if cost(req, c).2 != min {
+        if costs[i] != min {
             continue;
         }
         at_min += 1;
@@ -202,25 +204,52 @@ fn lowest<R: Rng + ?Sized>(
 }
 
 fn softmax_pick<R: Rng + ?Sized>(
-    req: &RouteRequest,
-    candidates: &[Candidate],
+    temperature: f64,
+    costs: &[f64],
     min: f64,
     max: f64,
     rng: &mut R,
 ) -> usize {
     let range = max - min;
     // Costs are normalised by their range, so T means the same at any load level.
-    let weight = |c: &Candidate| (-(cost(req, c).2 - min) / (range * req.temperature)).exp();
-    let total: f64 = candidates.iter().map(weight).sum();
+    let weights: SmallVec<[f64; 64]> = costs
+        .iter()
+        .map(|&v| (-(v - min) / (range * temperature)).exp())
+        .collect();
+    let total: f64 = weights.iter().sum();
     let u: f64 = rng.random::<f64>() * total;
     let mut acc = 0.0;
-    for (i, c) in candidates.iter().enumerate() {
-        acc += weight(c);
+    for (i, w) in weights.iter().enumerate() {
+        acc += w;
         if acc >= u {
             return i;
         }
     }
-    candidates.len() - 1
+    costs.len() - 1
+}
+
+/// Drops candidates whose worker is busy.
+///
+/// `NoWorkers` when there are none at all, `AllWorkersBusy` when every one is busy.
+pub fn without_busy(
+    candidates: Vec<Candidate>,
+    busy: &std::collections::HashSet<crate::protocols::WorkerId>,
+) -> Result<Vec<Candidate>, SelectionError> {
+    if candidates.is_empty() {
+        return Err(SelectionError::NoWorkers);
+    }
+    if busy.is_empty() {
+        return Ok(candidates);
+    }
+    let free: Vec<Candidate> = candidates
+        .into_iter()
+        .filter(|c| !busy.contains(&c.worker.worker_id))
+        .collect();
+    if free.is_empty() {
+        Err(SelectionError::AllWorkersBusy)
+    } else {
+        Ok(free)
+    }
 }
 
 /// Round-robin over `n` workers with an external counter.
@@ -363,6 +392,26 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn never_picks_a_busy_worker(
+            loads in proptest::collection::vec((0usize..50, 0usize..50), 1..30),
+            busy in proptest::collection::hash_set(0u64..30, 0..30),
+            t in 0.0f64..2.0, seed in any::<u64>(),
+        ) {
+            let cs: Vec<_> = loads.iter().enumerate().map(|(i, &(p, d))| cand(i as u64, p, d, 0)).collect();
+            let n = cs.len();
+            match without_busy(cs, &busy) {
+                Ok(free) => {
+                    let d = select_kv(&req(1.0, t), &free, &mut StdRng::seed_from_u64(seed)).unwrap();
+                    prop_assert!(!busy.contains(&d.worker.worker_id));
+                }
+                Err(e) => {
+                    prop_assert_eq!(e, SelectionError::AllWorkersBusy);
+                    prop_assert!((0..n as u64).all(|w| busy.contains(&w)));
+                }
+            }
+        }
+
         #[test]
         fn temperature_zero_always_picks_a_minimum(
             loads in proptest::collection::vec((0usize..50, 0usize..50, 0usize..5), 1..40),

@@ -13,6 +13,10 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use smallvec::SmallVec;
+
+use crate::fast_hash::IntMap;
+
 use crate::protocols::WorkerKey;
 
 /// Identifies a request across the router (the frontend's request id).
@@ -64,14 +68,20 @@ pub struct ActiveSequences {
     block_size: usize,
     requests: HashMap<RequestId, Request>,
     /// Sequence hash → number of requests holding it.
-    unique_blocks: HashMap<u64, u32>,
+    unique_blocks: IntMap<u64, u32>,
     /// Decay weights of (exclusive) blocks of decaying requests.
-    fractional: HashMap<u64, f64>,
+    fractional: IntMap<u64, f64>,
     /// Σ (1 − weight) over `fractional`.
     fractional_deficit: f64,
     active_tokens: usize,
     expiry_deadline: Option<Instant>,
     expiry_set: Vec<RequestId>,
+    /// Hashes that became held (true) or stopped being held (false), for the
+    /// tracker's reverse index; only recorded when `record_changes` is set.
+    changes: Vec<(u64, bool)>,
+    record_changes: bool,
+    /// Requests freed by forced expiry, for the tracker's request map.
+    expired: Vec<RequestId>,
 }
 
 impl ActiveSequences {
@@ -84,13 +94,29 @@ impl ActiveSequences {
         Self {
             block_size,
             requests: HashMap::new(),
-            unique_blocks: HashMap::new(),
-            fractional: HashMap::new(),
+            unique_blocks: IntMap::default(),
+            fractional: IntMap::default(),
             fractional_deficit: 0.0,
             active_tokens: 0,
             expiry_deadline: None,
             expiry_set: Vec::new(),
+            changes: Vec::new(),
+            record_changes: false,
+            expired: Vec::new(),
         }
+    }
+
+    fn reference(&mut self, h: u64) {
+        let c = self.unique_blocks.entry(h).or_insert(0);
+        *c += 1;
+        if *c == 1 && self.record_changes {
+            self.changes.push((h, true));
+        }
+    }
+
+    /// Whether a block is held by some request here.
+    pub fn holds(&self, h: u64) -> bool {
+        self.unique_blocks.contains_key(&h)
     }
 
     /// Tokens a request still has to prefill given `overlap` cached blocks.
@@ -108,7 +134,7 @@ impl ActiveSequences {
         self.active_tokens += prefill;
         let blocks = req.seq_hashes.map(<[u64]>::to_vec).unwrap_or_default();
         for &h in &blocks {
-            *self.unique_blocks.entry(h).or_insert(0) += 1;
+            self.reference(h);
         }
         self.requests.insert(
             req.id.to_string(),
@@ -163,7 +189,11 @@ impl ActiveSequences {
             .get_mut(id)
             .ok_or_else(|| SequenceError::UnknownRequest(id.to_string()))?;
         r.blocks.push(hash);
-        *self.unique_blocks.entry(hash).or_insert(0) += 1;
+        let c = self.unique_blocks.entry(hash).or_insert(0);
+        *c += 1;
+        if *c == 1 && self.record_changes {
+            self.changes.push((hash, true));
+        }
         if let Some(d) = decay {
             let d = d.clamp(0.0, 1.0);
             for h in &r.blocks {
@@ -207,7 +237,7 @@ impl ActiveSequences {
     pub fn potential_blocks(&self, seq_hashes: Option<&[u64]>) -> usize {
         let new = seq_hashes.map_or(0, |hs| {
             hs.iter()
-                .filter(|h| !self.unique_blocks.contains_key(h))
+                .filter(|h| !self.unique_blocks.contains_key(*h))
                 .count()
         });
         self.active_blocks() + new
@@ -223,6 +253,9 @@ impl ActiveSequences {
             *c -= 1;
             if *c == 0 {
                 self.unique_blocks.remove(&h);
+                if self.record_changes {
+                    self.changes.push((h, false));
+                }
                 if let Some(f) = self.fractional.remove(&h) {
                     self.fractional_deficit -= 1.0 - f;
                 }
@@ -240,7 +273,9 @@ impl ActiveSequences {
             Some(deadline) if now >= deadline => {
                 for id in std::mem::take(&mut self.expiry_set) {
                     // Already freed ones are simply gone.
-                    let _ = self.free(&id);
+                    if self.free(&id).is_ok() && self.record_changes {
+                        self.expired.push(id);
+                    }
                 }
                 self.expiry_deadline = Some(now + EXPIRY_DURATION);
                 self.expiry_set = self.requests.keys().cloned().collect();
@@ -254,6 +289,31 @@ impl ActiveSequences {
     }
 }
 
+/// The block identities used to count a request's decode load (reference §1.3).
+///
+/// `None` when active blocks are not tracked. With KV reuse assumed they are the
+/// prompt's rolling sequence hashes, so requests sharing a prefix share blocks;
+/// otherwise fresh random values, so nothing is shared.
+pub fn tracking_hashes<R: rand::Rng + ?Sized>(
+    local: &[crate::hash::LocalBlockHash],
+    track_active_blocks: bool,
+    assume_kv_reuse: bool,
+    rng: &mut R,
+) -> Option<Vec<u64>> {
+    use rand::RngExt;
+    if !track_active_blocks {
+        return None;
+    }
+    Some(if assume_kv_reuse {
+        crate::hash::sequence_hashes(local)
+            .into_iter()
+            .map(|h| h.0)
+            .collect()
+    } else {
+        (0..local.len()).map(|_| rng.random::<u64>()).collect()
+    })
+}
+
 /// The load a request would add to one worker rank.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PotentialLoad {
@@ -265,12 +325,18 @@ pub struct PotentialLoad {
     pub decode_blocks: usize,
 }
 
-/// Active sequences of every worker rank.
+/// Active sequences of every worker rank, plus a reverse index from block to
+/// the ranks holding it, so a "what if" over all ranks costs one look-up per
+/// prompt block instead of one per block per rank.
 #[derive(Debug, Clone)]
 pub struct SequenceTracker {
     block_size: usize,
-    workers: HashMap<WorkerKey, ActiveSequences>,
+    workers: IntMap<WorkerKey, ActiveSequences>,
     request_worker: HashMap<RequestId, WorkerKey>,
+    holders: IntMap<u64, SmallVec<[WorkerKey; 2]>>,
+    /// (rank, active prefill tokens, active blocks) of every rank, dense, so a
+    /// "what if" over all ranks reads a few cache lines, not every tracker.
+    summary: Vec<(WorkerKey, usize, usize)>,
 }
 
 impl SequenceTracker {
@@ -278,22 +344,33 @@ impl SequenceTracker {
     pub fn new(block_size: usize) -> Self {
         Self {
             block_size,
-            workers: HashMap::new(),
+            workers: IntMap::default(),
             request_worker: HashMap::new(),
+            holders: IntMap::default(),
+            summary: Vec::new(),
         }
     }
 
     /// Starts tracking a worker rank (no-op when tracked).
     pub fn add_worker(&mut self, w: WorkerKey) {
-        self.workers
-            .entry(w)
-            .or_insert_with(|| ActiveSequences::new(self.block_size));
+        if self.workers.contains_key(&w) {
+            return;
+        }
+        let mut s = ActiveSequences::new(self.block_size);
+        s.record_changes = true;
+        self.workers.insert(w, s);
+        self.summary.push((w, 0, 0));
     }
 
     /// Stops tracking every rank of a worker, dropping its requests.
     pub fn remove_worker(&mut self, worker_id: u64) {
         self.workers.retain(|k, _| k.worker_id != worker_id);
+        self.summary.retain(|(k, _, _)| k.worker_id != worker_id);
         self.request_worker.retain(|_, k| k.worker_id != worker_id);
+        self.holders.retain(|_, ws| {
+            ws.retain(|k| k.worker_id != worker_id);
+            !ws.is_empty()
+        });
     }
 
     /// Tracked ranks.
@@ -318,7 +395,9 @@ impl SequenceTracker {
         }
         self.add_worker(w);
         let seqs = self.workers.get_mut(&w).expect("just added");
-        seqs.add_request(req, now)?;
+        let result = seqs.add_request(req, now);
+        self.sync_holders(w);
+        result?;
         self.request_worker.insert(req.id.to_string(), w);
         Ok(())
     }
@@ -333,7 +412,9 @@ impl SequenceTracker {
         let w = self
             .worker_of(id)
             .ok_or_else(|| SequenceError::UnknownRequest(id.into()))?;
-        self.ranks(w)?.mark_prefill_completed(id)
+        let result = self.ranks(w)?.mark_prefill_completed(id);
+        self.sync_holders(w);
+        result
     }
 
     /// See [`ActiveSequences::free`].
@@ -342,7 +423,9 @@ impl SequenceTracker {
             .request_worker
             .remove(id)
             .ok_or_else(|| SequenceError::UnknownRequest(id.into()))?;
-        self.ranks(w)?.free(id)
+        let result = self.ranks(w)?.free(id);
+        self.sync_holders(w);
+        result
     }
 
     /// See [`ActiveSequences::add_output_block`].
@@ -355,7 +438,9 @@ impl SequenceTracker {
         let w = self
             .worker_of(id)
             .ok_or_else(|| SequenceError::UnknownRequest(id.into()))?;
-        self.ranks(w)?.add_output_block(id, hash, decay)
+        let result = self.ranks(w)?.add_output_block(id, hash, decay);
+        self.sync_holders(w);
+        result
     }
 
     /// Load of every tracked rank if this request went there (`overlap` per rank).
@@ -365,12 +450,32 @@ impl SequenceTracker {
         seq_hashes: Option<&[u64]>,
         overlap: impl Fn(WorkerKey) -> u32,
     ) -> Vec<PotentialLoad> {
-        self.workers
+        // Per rank, how many of the request's blocks it already holds.
+        let mut held: SmallVec<[(WorkerKey, usize); 16]> = SmallVec::new();
+        let hashes = seq_hashes.unwrap_or(&[]);
+        for h in hashes {
+            if let Some(ws) = self.holders.get(h) {
+                for w in ws {
+                    match held.iter_mut().find(|(k, _)| k == w) {
+                        Some((_, n)) => *n += 1,
+                        None => held.push((*w, 1)),
+                    }
+                }
+            }
+        }
+        self.summary
             .iter()
-            .map(|(&worker, s)| PotentialLoad {
-                worker,
-                prefill_tokens: s.potential_tokens(isl, overlap(worker)),
-                decode_blocks: s.potential_blocks(seq_hashes),
+            .map(|&(worker, tokens, blocks)| {
+                let already = held
+                    .iter()
+                    .find(|(k, _)| *k == worker)
+                    .map_or(0, |(_, n)| *n);
+                let ov = overlap(worker) as usize * self.block_size;
+                PotentialLoad {
+                    worker,
+                    prefill_tokens: tokens + isl.saturating_sub(ov),
+                    decode_blocks: blocks + hashes.len() - already,
+                }
             })
             .collect()
     }
@@ -379,6 +484,30 @@ impl SequenceTracker {
         self.workers
             .get_mut(&w)
             .ok_or(SequenceError::UnknownWorker(w))
+    }
+
+    /// Applies the rank's recorded hold/release transitions to the reverse index.
+    fn sync_holders(&mut self, w: WorkerKey) {
+        let Some(s) = self.workers.get_mut(&w) else {
+            return;
+        };
+        for id in s.expired.drain(..) {
+            self.request_worker.remove(&id);
+        }
+        for (h, held) in s.changes.drain(..) {
+            if held {
+                self.holders.entry(h).or_default().push(w);
+            } else if let Some(ws) = self.holders.get_mut(&h) {
+                ws.retain(|k| *k != w);
+                if ws.is_empty() {
+                    self.holders.remove(&h);
+                }
+            }
+        }
+        let (tokens, blocks) = (s.active_tokens(), s.active_blocks());
+        if let Some(e) = self.summary.iter_mut().find(|e| e.0 == w) {
+            (e.1, e.2) = (tokens, blocks);
+        }
     }
 }
 
@@ -401,6 +530,26 @@ mod tests {
             overlap,
             expected_output_tokens,
         }
+    }
+
+    #[test]
+    fn tracking_hashes_follow_the_flags() {
+        use rand::SeedableRng;
+        let local = crate::hash::block_hashes(&(0..64).collect::<Vec<u32>>(), 16);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        assert_eq!(tracking_hashes(&local, false, true, &mut rng), None);
+        let reuse = tracking_hashes(&local, true, true, &mut rng).unwrap();
+        assert_eq!(
+            reuse,
+            tracking_hashes(&local, true, true, &mut rng).unwrap()
+        );
+        assert_eq!(reuse[0], local[0].0);
+        let fresh = tracking_hashes(&local, true, false, &mut rng).unwrap();
+        assert_eq!(fresh.len(), 4);
+        assert_ne!(
+            fresh,
+            tracking_hashes(&local, true, false, &mut rng).unwrap()
+        );
     }
 
     #[test]
@@ -526,6 +675,29 @@ mod tests {
     }
 
     proptest! {
+        /// The tracker's reverse index gives the same "what if" as asking each rank.
+        #[test]
+        fn tracker_potential_load_matches_each_rank(
+            ops in proptest::collection::vec((0u8..4, 0u8..10, proptest::collection::vec(0u64..12, 0..6), any::<bool>()), 1..60),
+            probe in proptest::collection::vec(0u64..12, 0..8),
+        ) {
+            let t0 = Instant::now();
+            let mut t = SequenceTracker::new(4);
+            for (w, r, blocks, add) in &ops {
+                let id = format!("r{r}");
+                if *add {
+                    let _ = t.add_request(WorkerKey::new(*w as u64, 0), nr(&id, Some(blocks), 16, 1, None), t0);
+                } else {
+                    let _ = t.free(&id);
+                }
+            }
+            for load in t.potential_load(16, Some(&probe), |_| 0) {
+                let s = t.get(load.worker).unwrap();
+                prop_assert_eq!(load.decode_blocks, s.potential_blocks(Some(&probe)));
+                prop_assert_eq!(load.prefill_tokens, s.potential_tokens(16, 0));
+            }
+        }
+
         /// Incremental counts equal a recount from the live requests after any sequence.
         #[test]
         fn counts_match_a_recount(ops in proptest::collection::vec(op(), 1..80)) {

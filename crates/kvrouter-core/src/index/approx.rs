@@ -14,8 +14,8 @@ use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 use std::time::{Duration, Instant};
 
-use super::fast_hash::IntMap;
 use super::{KvCacheEventError, RadixIndex};
+use crate::fast_hash::IntMap;
 use crate::hash::{LocalBlockHash, SequenceHash};
 use crate::protocols::{KvCacheEventData, OverlapScores, RouterEvent, WorkerId, WorkerKey};
 

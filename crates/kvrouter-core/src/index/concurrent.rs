@@ -20,8 +20,8 @@ use std::thread::JoinHandle;
 
 use parking_lot::RwLock;
 
-use super::fast_hash::IntMap;
 use super::{EventStats, KvCacheEventError, RadixIndex};
+use crate::fast_hash::IntMap;
 use crate::hash::LocalBlockHash;
 use crate::protocols::{OverlapScores, RouterEvent, WorkerId, WorkerKey};
 

@@ -14,7 +14,6 @@
 
 mod approx;
 mod concurrent;
-mod fast_hash;
 mod radix;
 mod worker_blocks;
 mod worker_set;

@@ -23,10 +23,10 @@
 use hashbrown::HashTable;
 use smallvec::SmallVec;
 
-use super::fast_hash::{IntMap, edge_hash};
 use super::worker_blocks::WorkerBlocks;
 use super::worker_set::{EMPTY, MAX_WORKER, SetPool};
 use super::{EventKind, EventStats, KvCacheEventError};
+use crate::fast_hash::{IntMap, edge_hash};
 use crate::hash::{ExternalSequenceBlockHash, LocalBlockHash};
 use crate::protocols::{
     KvCacheEvent, KvCacheEventData, KvCacheStoreData, KvCacheStoredBlockData, OverlapScores,

@@ -11,7 +11,7 @@
 
 use hashbrown::HashTable;
 
-use super::fast_hash::{IntHasher, IntMap};
+use crate::fast_hash::{IntHasher, IntMap};
 use std::hash::Hasher;
 
 #[inline(always)]
