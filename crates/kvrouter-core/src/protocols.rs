@@ -175,6 +175,41 @@ pub struct ActiveLoad {
     pub kv_used_blocks: Option<u64>,
 }
 
+/// Per-pass engine metrics (`ForwardPassMetrics` of the reference, §4.4).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ForwardPassMetrics {
+    /// Request slots and queue.
+    pub worker_stats: WorkerStats,
+    /// KV cache usage.
+    pub kv_stats: KvStats,
+}
+
+/// Request-level engine stats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerStats {
+    /// Data-parallel rank, if DP is on.
+    pub data_parallel_rank: Option<DpRank>,
+    /// Requests running.
+    pub request_active_slots: u64,
+    /// Requests that can run at once.
+    pub request_total_slots: u64,
+    /// Requests waiting to be scheduled.
+    pub num_requests_waiting: u64,
+}
+
+/// KV-cache engine stats.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct KvStats {
+    /// Blocks held by running requests.
+    pub kv_active_blocks: u64,
+    /// Blocks in the cache.
+    pub kv_total_blocks: u64,
+    /// `kv_active_blocks / kv_total_blocks`.
+    pub gpu_cache_usage_perc: f32,
+    /// Prompt tokens served from cache / prompt tokens, since start.
+    pub gpu_prefix_cache_hit_rate: f32,
+}
+
 /// One worker's overlap with a looked-up prefix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WorkerOverlap {

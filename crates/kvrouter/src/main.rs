@@ -2,6 +2,7 @@
 
 mod bench;
 mod cli;
+mod sim;
 
 use std::process::ExitCode;
 
@@ -44,7 +45,7 @@ fn run(parsed: Parsed) -> ExitCode {
         Command::GlobalRouter(a) => a.runtime.dump_config_to.clone(),
         Command::Mocker(a) => a.runtime.dump_config_to.clone(),
         Command::Serve(a) => a.runtime.dump_config_to.clone(),
-        Command::Bench(_) => None,
+        Command::Sim(_) | Command::Bench(_) => None,
     };
     if let Some(path) = dump_to {
         let doc = parsed.dump(&resolved);
@@ -58,21 +59,29 @@ fn run(parsed: Parsed) -> ExitCode {
             path.display()
         );
     }
-    match parsed.command {
-        Command::Bench(cmd) => match bench::run(cmd) {
-            Ok(code) => code,
-            Err(e) => {
-                eprintln!("kvrouter: error: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
+    let result = match parsed.command {
+        Command::Bench(cmd) => bench::run(cmd),
+        Command::Sim(args) => {
+            let config = resolved
+                .kv_router_config
+                .clone()
+                .expect("sim resolves a router config");
+            sim::run(&args, config)
+        }
         _ => {
             eprintln!(
                 "kvrouter {}: the configuration is valid, but this service is not built yet \
                  (see the README's status table)",
                 resolved.subcommand
             );
-            ExitCode::from(EXIT_NOT_BUILT)
+            return ExitCode::from(EXIT_NOT_BUILT);
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kvrouter: error: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

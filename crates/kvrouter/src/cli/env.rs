@@ -196,6 +196,16 @@ pub const ENV: &[EnvVar] = &[
     value("data_parallel_size", &["DYN_MOCKER_DATA_PARALLEL_SIZE"]),
     value("num_workers", &["DYN_MOCKER_NUM_WORKERS"]),
     value("workers", &["DYN_SERVE_WORKERS"]),
+    // Simulator.
+    value("trace", &["DYN_SIM_TRACE"]),
+    value("sim_workers", &["DYN_SIM_WORKERS"]),
+    value("sim_router_mode", &["DYN_SIM_ROUTER_MODE"]),
+    value("speedup", &["DYN_SIM_SPEEDUP"]),
+    value("limit", &["DYN_SIM_LIMIT"]),
+    value("json", &["DYN_SIM_JSON"]),
+    value("plot", &["DYN_SIM_PLOT"]),
+    value("seed", &["DYN_SIM_SEED"]),
+    switch("no_progress", &["DYN_NO_PROGRESS"], None),
 ];
 
 /// The table entry for an argument id.

@@ -55,6 +55,8 @@ pub enum Command {
     Mocker(MockerArgs),
     /// Everything in one process: frontend, KV router and mock workers.
     Serve(ServeArgs),
+    /// Offline simulator: replay a trace through N mock engines under each routing mode.
+    Sim(SimArgs),
     /// Benchmarks (release builds; results are JSON lines on stdout).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -182,6 +184,53 @@ pub struct ServeArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub runtime: RuntimeArgs,
+}
+
+/// `kvrouter sim`.
+#[derive(Debug, Clone, Args)]
+pub struct SimArgs {
+    /// Mooncake-style JSONL trace (timestamp ms, input_length, output_length, hash_ids).
+    #[arg(long, value_name = "FILE")]
+    pub trace: PathBuf,
+    /// Mock engines.
+    #[arg(
+        long = "workers",
+        id = "sim_workers",
+        value_name = "N",
+        default_value_t = 8
+    )]
+    pub sim_workers: u32,
+    /// Routing modes to compare (comma-separated): round-robin, random, kv, kv-approx, oracle.
+    #[arg(long = "router-mode", id = "sim_router_mode", value_delimiter = ',', num_args = 1.., value_parser = parse_sim_mode, default_value = "round-robin,random,kv,kv-approx,oracle")]
+    pub sim_router_mode: Vec<kvrouter_mocker::sim::SimMode>,
+    /// Arrival-rate multiplier (2 = requests arrive twice as fast as recorded).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    pub speedup: f64,
+    /// Replay only the first N requests.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// Write the per-mode results as a JSON array.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Draw TTFT CDFs and hit rates as SVG.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+    /// Seed of random choices (random mode, tie-breaks).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Hide the progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub kv: KvArgs,
+}
+
+fn parse_sim_mode(s: &str) -> Result<kvrouter_mocker::sim::SimMode, String> {
+    s.parse()
 }
 
 /// Where a setting's value came from.

@@ -60,6 +60,8 @@ fn config_args(field: &str) -> &'static [&'static str] {
         "enable_prefix_caching" => &["enable_prefix_caching", "no_enable_prefix_caching"],
         "enable_chunked_prefill" => &["enable_chunked_prefill", "no_enable_chunked_prefill"],
         "block_size" => &["block_size", "router_block_size", "kv_cache_block_size"],
+        "workers" => &["workers", "sim_workers"],
+        "router_mode" => &["router_mode", "sim_router_mode"],
         _ => &[],
     }
 }
@@ -362,6 +364,40 @@ impl Parsed {
                     Some(thresholds(&a.busy)),
                     Some(a.engine.block_size),
                     Some(StoreKv::Mem),
+                )
+            }
+            Command::Sim(a) => {
+                let sub = "sim";
+                engine_problems(sub, &a.engine, &mut p);
+                must_exist(sub, "trace", Some(&a.trace), &mut p);
+                positive(sub, "speedup", a.speedup, 0.0, &mut p);
+                if a.sim_workers < 1 {
+                    p.push(Problem {
+                        flags: vec![flag(sub, "sim_workers")],
+                        message: "must be at least 1".into(),
+                    });
+                }
+                if a.limit == Some(0) {
+                    p.push(Problem {
+                        flags: vec![flag(sub, "limit")],
+                        message: "must be at least 1".into(),
+                    });
+                }
+                let modes: Vec<String> = a.sim_router_mode.iter().map(|m| m.to_string()).collect();
+                put(json!({
+                    "trace": a.trace, "workers": a.sim_workers, "router_mode": modes, "speedup": a.speedup,
+                    "limit": a.limit, "json": a.json, "plot": a.plot, "seed": a.seed, "no_progress": a.no_progress,
+                }));
+                put(json!(a.engine));
+                put(
+                    json!({"enable_prefix_caching": a.engine.enable_prefix_caching(), "enable_chunked_prefill": a.engine.enable_chunked_prefill()}),
+                );
+                (
+                    sub,
+                    Some(kv_config(&a.kv, None)),
+                    None,
+                    Some(a.engine.block_size),
+                    None,
                 )
             }
             Command::Bench(_) => {

@@ -19,6 +19,7 @@ fn base(sub: &str) -> Vec<&'static str> {
     match sub {
         "router" => vec!["--endpoint", "dynamo.backend.generate"],
         "global-router" => vec!["--config", "Cargo.toml", "--model-name", "m"],
+        "sim" => vec!["--trace", "Cargo.toml"],
         _ => vec![],
     }
 }
@@ -475,6 +476,57 @@ fn flag_rows() -> Vec<(
             "workers",
             json!(8),
         ),
+        (
+            "trace",
+            "sim",
+            vec!["--trace", "src/main.rs"],
+            "trace",
+            json!("src/main.rs"),
+        ),
+        (
+            "sim_workers",
+            "sim",
+            vec!["--workers", "3"],
+            "workers",
+            json!(3),
+        ),
+        (
+            "sim_router_mode",
+            "sim",
+            vec!["--router-mode", "kv,oracle"],
+            "router_mode",
+            json!(["kv", "oracle"]),
+        ),
+        (
+            "speedup",
+            "sim",
+            vec!["--speedup", "2.5"],
+            "speedup",
+            json!(2.5),
+        ),
+        ("limit", "sim", vec!["--limit", "100"], "limit", json!(100)),
+        (
+            "json",
+            "sim",
+            vec!["--json", "o.json"],
+            "json",
+            json!("o.json"),
+        ),
+        (
+            "plot",
+            "sim",
+            vec!["--plot", "o.svg"],
+            "plot",
+            json!("o.svg"),
+        ),
+        ("seed", "sim", vec!["--seed", "9"], "seed", json!(9)),
+        (
+            "no_progress",
+            "sim",
+            vec!["--no-progress"],
+            "no_progress",
+            json!(true),
+        ),
     ]
 }
 
@@ -750,6 +802,11 @@ fn every_validation_rule_names_its_flags() {
         ),
         ("serve", &["--store-kv", "etcd"], "--store-kv:"),
         ("serve", &["--workers", "0"], "--workers:"),
+        ("sim", &["--trace", "missing.jsonl"], "--trace:"),
+        ("sim", &["--speedup", "0"], "--speedup:"),
+        ("sim", &["--workers", "0"], "--workers:"),
+        ("sim", &["--limit", "0"], "--limit:"),
+        ("sim", &["--router-mode", "fastest"], ""),
     ];
     for (sub, tail, needle) in cases {
         if needle.is_empty() {

@@ -1,0 +1,24 @@
+//! The mocker: a simulated LLM inference engine, and an offline cluster simulator.
+//!
+//! [`engine::Engine`] behaves like vLLM where a router can see it: a paged KV
+//! cache with prefix caching and LRU eviction of unused blocks
+//! ([`blocks::BlockManager`]), continuous batching with chunked prefill under
+//! `max_num_seqs` / `max_num_batched_tokens`, preemption when blocks run out,
+//! and the reference's polynomial timing model ([`perf`]). It publishes the KV
+//! events a real engine publishes (stored with their parent chain, removed on
+//! eviction) with per-rank increasing ids, and its load. It is a library with
+//! no I/O: the caller owns the clock and advances it step by step.
+//!
+//! [`sim`] replays a Mooncake trace ([`trace`]) through N engines behind the
+//! real router core (index, active sequences, selection) in virtual time, so a
+//! whole production hour replays in seconds, once per routing mode, and
+//! [`report`] turns the runs into percentiles, a table, JSON and an SVG.
+
+#![deny(missing_docs)]
+
+pub mod blocks;
+pub mod engine;
+pub mod perf;
+pub mod report;
+pub mod sim;
+pub mod trace;

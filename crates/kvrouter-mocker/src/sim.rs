@@ -1,0 +1,401 @@
+//! The offline cluster simulator: a trace through N engines and the real router
+//! core, in virtual time.
+//!
+//! Events are request arrivals (trace timestamps divided by the arrival speed-
+//! up) and engine passes finishing. At an arrival the request is routed by the
+//! mode under test and queued on its engine; an idle engine plans its next pass
+//! at once. At the end of a pass its tokens are recorded (TTFT, inter-token
+//! gaps, end-to-end), its KV events are applied to the router's index, and the
+//! router's active sequences are updated (first token → prefill done, last →
+//! free), exactly as the frontend would. Nothing sleeps: a production hour
+//! replays in seconds, and every mode sees the identical arrival sequence.
+//!
+//! Modes: `round-robin`, `random`, `kv` (index fed only by the engines' own
+//! events), `kv-approx` (no events: the approximate index learns from routing
+//! decisions) and `oracle`: the hit rate of one cache pooling every worker's
+//! capacity under the same LRU policy, as if any request could use any block
+//! anywhere, with no load balance and no concurrency: a bound on reuse, not a
+//! router (it has no latencies).
+
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use indicatif::ProgressBar;
+use kvrouter_core::KvRouterConfig;
+use kvrouter_core::hash::{LocalBlockHash, SequenceHash};
+use kvrouter_core::index::{ApproxIndex, RadixIndex};
+use kvrouter_core::protocols::{RouterEvent, WorkerKey};
+use kvrouter_core::selection::{Candidate, RouteRequest, select_kv};
+use kvrouter_core::sequences::{NewRequest, SequenceTracker, tracking_hashes};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+use crate::blocks::{BlockManager, FullBlock};
+use crate::engine::{Engine, EngineConfig, EngineRequest};
+use crate::report::{ModeReport, Recorder};
+use crate::trace::{PromptBuilder, TraceRequest};
+
+/// A routing mode under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SimMode {
+    /// Each worker in turn.
+    RoundRobin,
+    /// Uniformly at random.
+    Random,
+    /// KV-aware, index fed by the engines' KV events.
+    Kv,
+    /// KV-aware without events (approximate index).
+    KvApprox,
+    /// Pooled-cache bound on reuse.
+    Oracle,
+}
+
+impl SimMode {
+    /// Every mode, by name.
+    pub const ALL: [(SimMode, &'static str); 5] = [
+        (SimMode::RoundRobin, "round-robin"),
+        (SimMode::Random, "random"),
+        (SimMode::Kv, "kv"),
+        (SimMode::KvApprox, "kv-approx"),
+        (SimMode::Oracle, "oracle"),
+    ];
+}
+
+impl fmt::Display for SimMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = Self::ALL.iter().find(|(m, _)| m == self).map(|(_, n)| *n);
+        f.write_str(name.unwrap_or("?"))
+    }
+}
+
+impl FromStr for SimMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let norm = s.trim().to_ascii_lowercase().replace('_', "-");
+        Self::ALL
+            .iter()
+            .find(|(_, n)| *n == norm)
+            .map(|(m, _)| *m)
+            .ok_or_else(|| {
+                format!(
+                    "unknown mode {s:?} (expected round-robin, random, kv, kv-approx or oracle)"
+                )
+            })
+    }
+}
+
+/// Everything a simulation run needs besides the trace.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Engines (one rank each).
+    pub workers: usize,
+    /// Engine settings.
+    pub engine: EngineConfig,
+    /// Router settings (weight, temperature, tracking, approximate TTL…).
+    pub router: KvRouterConfig,
+    /// Arrival-rate multiplier: timestamps are divided by it.
+    pub arrival_speedup: f64,
+    /// Seed of every random choice.
+    pub seed: u64,
+}
+
+/// A trace request, prepared once for every mode.
+#[derive(Debug, Clone)]
+pub struct SimRequest {
+    /// Arrival in virtual ms.
+    pub arrival_ms: f64,
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Tokens to generate.
+    pub output_tokens: usize,
+    /// The prompt's full blocks: content hashes.
+    pub local: Vec<LocalBlockHash>,
+    /// The prompt's full blocks: rolling sequence hashes.
+    pub seq: Vec<SequenceHash>,
+}
+
+/// Hashes every trace request at the engine block size (done once, shared by all modes).
+pub fn prepare(trace: &[TraceRequest], block_size: usize, arrival_speedup: f64) -> Vec<SimRequest> {
+    let mut builder = PromptBuilder::new(block_size);
+    let t0 = trace.first().map_or(0.0, |r| r.timestamp);
+    trace
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let (local, seq) = builder.hashes(r, i as u64);
+            SimRequest {
+                arrival_ms: (r.timestamp - t0) / arrival_speedup,
+                prompt_tokens: r.input_length,
+                output_tokens: r.output_length.max(1),
+                local,
+                seq,
+            }
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct At(f64, u64);
+
+impl Eq for At {}
+impl Ord for At {
+    fn cmp(&self, o: &Self) -> Ordering {
+        // Min-heap on (time, sequence number): ties resolve in a fixed order.
+        o.0.total_cmp(&self.0).then(o.1.cmp(&self.1))
+    }
+}
+impl PartialOrd for At {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Ev {
+    Arrival(usize),
+    StepDone(usize),
+}
+
+/// Router state of the KV modes.
+enum Router {
+    Plain { next: usize },
+    Kv { index: RadixIndex },
+    Approx { index: ApproxIndex },
+}
+
+/// Runs one mode over the prepared requests.
+pub fn run(
+    mode: SimMode,
+    cfg: &SimConfig,
+    reqs: &[SimRequest],
+    progress: &ProgressBar,
+) -> ModeReport {
+    if mode == SimMode::Oracle {
+        return oracle(cfg, reqs, progress);
+    }
+    let bs = cfg.engine.block_size;
+    let mut engines: Vec<Engine> = (0..cfg.workers)
+        .map(|w| Engine::new(cfg.engine, w as u64, 0))
+        .collect();
+    let mut busy = vec![false; cfg.workers];
+    let mut router = match mode {
+        SimMode::Kv => Router::Kv {
+            index: RadixIndex::new(),
+        },
+        SimMode::KvApprox => Router::Approx {
+            index: ApproxIndex::new(cfg.router.prune_config()),
+        },
+        _ => Router::Plain { next: 0 },
+    };
+    let mut tracker = SequenceTracker::new(bs);
+    for w in 0..cfg.workers {
+        tracker.add_worker(WorkerKey::new(w as u64, 0));
+    }
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let mut rec = Recorder::new(mode, reqs, cfg.workers);
+    let mut heap = BinaryHeap::new();
+    let mut seqno = 0u64;
+    let mut push = |heap: &mut BinaryHeap<(At, Ev)>, t: f64, e: Ev| {
+        seqno += 1;
+        heap.push((At(t, seqno), e));
+    };
+    for (i, r) in reqs.iter().enumerate() {
+        push(&mut heap, r.arrival_ms, Ev::Arrival(i));
+    }
+    // The approximate index measures time with `Instant`s: map virtual ms onto one.
+    let base = Instant::now();
+    let instant = |ms: f64| base + Duration::from_secs_f64(ms.max(0.0) / 1000.0);
+    let mut ids = vec![String::new(); reqs.len()];
+    while let Some((At(now, _), ev)) = heap.pop() {
+        match ev {
+            Ev::Arrival(i) => {
+                let r = &reqs[i];
+                ids[i] = format!("r{i}");
+                let w = match &mut router {
+                    Router::Plain { next } => {
+                        if mode == SimMode::Random {
+                            rng.random_range(0..cfg.workers)
+                        } else {
+                            *next += 1;
+                            (*next - 1) % cfg.workers
+                        }
+                    }
+                    Router::Kv { index } => {
+                        let overlaps = index.find_matches(&r.local);
+                        route_kv(
+                            cfg,
+                            r,
+                            &overlaps,
+                            &mut tracker,
+                            &ids[i],
+                            &mut rng,
+                            instant(now),
+                        )
+                    }
+                    Router::Approx { index } => {
+                        index.expire(instant(now));
+                        let overlaps = index.find_matches(&r.local);
+                        let w = route_kv(
+                            cfg,
+                            r,
+                            &overlaps,
+                            &mut tracker,
+                            &ids[i],
+                            &mut rng,
+                            instant(now),
+                        );
+                        index.process_routing_decision(
+                            WorkerKey::new(w as u64, 0),
+                            &r.local,
+                            &r.seq,
+                            instant(now),
+                        );
+                        w
+                    }
+                };
+                rec.routed(i, w);
+                engines[w].add_request(EngineRequest {
+                    id: i as u64,
+                    prompt_tokens: r.prompt_tokens,
+                    prompt_blocks: r
+                        .local
+                        .iter()
+                        .zip(&r.seq)
+                        .map(|(l, s)| FullBlock {
+                            seq: s.0,
+                            local: l.0,
+                        })
+                        .collect(),
+                    max_tokens: r.output_tokens,
+                });
+                if !busy[w]
+                    && let Some(d) = engines[w].plan_step()
+                {
+                    busy[w] = true;
+                    push(&mut heap, now + d, Ev::StepDone(w));
+                }
+            }
+            Ev::StepDone(w) => {
+                let result = engines[w].finish_step();
+                rec.preempted(result.preempted);
+                if let Router::Kv { index } = &mut router {
+                    for event in result.events {
+                        // Counted in the index's stats; the report checks they are all clean.
+                        let _ = index.apply_event(&RouterEvent::new(w as u64, event));
+                    }
+                }
+                for t in &result.tokens {
+                    let i = t.request as usize;
+                    rec.token(i, now, t);
+                    if t.generated == 1 {
+                        let _ = tracker.mark_prefill_completed(&ids[i]);
+                    }
+                    if t.finished {
+                        let _ = tracker.free(&ids[i]);
+                        progress.inc(1);
+                    }
+                }
+                busy[w] = false;
+                if let Some(d) = engines[w].plan_step() {
+                    busy[w] = true;
+                    push(&mut heap, now + d, Ev::StepDone(w));
+                }
+            }
+        }
+    }
+    let errors = match &router {
+        Router::Kv { index } => index.stats().errors(),
+        _ => 0,
+    };
+    rec.finish(errors)
+}
+
+fn route_kv(
+    cfg: &SimConfig,
+    r: &SimRequest,
+    overlaps: &kvrouter_core::OverlapScores,
+    tracker: &mut SequenceTracker,
+    id: &str,
+    rng: &mut StdRng,
+    now: Instant,
+) -> usize {
+    let rc = &cfg.router;
+    let hashes = tracking_hashes(
+        &r.local,
+        rc.router_track_active_blocks,
+        rc.router_assume_kv_reuse,
+        rng,
+    );
+    let overlap_of = |w: WorkerKey| overlaps.score(w);
+    let loads = tracker.potential_load(r.prompt_tokens, hashes.as_deref(), overlap_of);
+    let candidates: Vec<Candidate> = loads
+        .iter()
+        .map(|l| Candidate {
+            worker: l.worker,
+            overlap_blocks: overlap_of(l.worker),
+            tree_size: overlaps.tree_size(l.worker).unwrap_or(0),
+            prefill_tokens: l.prefill_tokens,
+            decode_blocks: l.decode_blocks,
+        })
+        .collect();
+    let req = RouteRequest {
+        isl_tokens: r.prompt_tokens,
+        block_size: cfg.engine.block_size,
+        overlap_score_weight: rc.overlap_score_weight,
+        temperature: rc.router_temperature,
+    };
+    let d = select_kv(&req, &candidates, rng).expect("every simulated worker is a candidate");
+    let _ = tracker.add_request(
+        d.worker,
+        NewRequest {
+            id,
+            seq_hashes: hashes.as_deref(),
+            isl: r.prompt_tokens,
+            overlap: d.overlap_blocks,
+            expected_output_tokens: None,
+        },
+        now,
+    );
+    d.worker.worker_id as usize
+}
+
+/// The pooled-cache bound: one LRU cache of every worker's capacity.
+fn oracle(cfg: &SimConfig, reqs: &[SimRequest], progress: &ProgressBar) -> ModeReport {
+    let bs = cfg.engine.block_size;
+    let mut cache = BlockManager::new(cfg.workers * cfg.engine.num_gpu_blocks, true);
+    let mut rec = Recorder::new(SimMode::Oracle, reqs, cfg.workers);
+    for (i, r) in reqs.iter().enumerate() {
+        let names: Vec<u64> = r.seq.iter().map(|h| h.0).collect();
+        let mut cached = cache.cached_prefix(&names);
+        if cached * bs >= r.prompt_tokens {
+            cached = (r.prompt_tokens - 1) / bs;
+        }
+        rec.oracle_hit(i, (cached * bs).min(r.prompt_tokens));
+        // Use the request's blocks (prompt, then its unique output blocks), then release them.
+        for h in &names[..cached] {
+            cache.acquire(*h);
+        }
+        let total_blocks = (r.prompt_tokens + r.output_tokens).div_ceil(bs);
+        let mut held: Vec<u64> = names[..cached].to_vec();
+        for k in cached..total_blocks {
+            if !cache.allocate_partial() {
+                break;
+            }
+            let name = names
+                .get(k)
+                .copied()
+                .unwrap_or(((i as u64) << 24) ^ (k as u64) ^ 0x5eed_0000_0000_0000);
+            cache.promote(name);
+            held.push(name);
+        }
+        for h in held.iter().rev() {
+            cache.release(*h);
+        }
+        cache.take_events();
+        progress.inc(1);
+    }
+    rec.finish(0)
+}

@@ -1,0 +1,73 @@
+//! `kvrouter sim`: load a trace, replay it once per routing mode, report.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use kvrouter_core::KvRouterConfig;
+use kvrouter_mocker::engine::EngineConfig;
+use kvrouter_mocker::report::{self, ModeReport};
+use kvrouter_mocker::sim::{self, SimConfig};
+use kvrouter_mocker::trace;
+
+use crate::cli::SimArgs;
+
+/// Runs the comparison and prints the table (and JSON / SVG when asked).
+pub fn run(args: &SimArgs, router: KvRouterConfig) -> anyhow::Result<ExitCode> {
+    let e = &args.engine;
+    let engine = EngineConfig {
+        num_gpu_blocks: e.num_gpu_blocks as usize,
+        block_size: e.block_size as usize,
+        max_num_seqs: e.max_num_seqs as usize,
+        max_num_batched_tokens: e.max_num_batched_tokens as usize,
+        enable_prefix_caching: e.enable_prefix_caching(),
+        enable_chunked_prefill: e.enable_chunked_prefill(),
+        watermark: e.watermark,
+        speedup_ratio: e.speedup_ratio,
+    };
+    let cfg = SimConfig {
+        workers: args.sim_workers as usize,
+        engine,
+        router,
+        arrival_speedup: args.speedup,
+        seed: args.seed,
+    };
+    let requests = trace::load(&args.trace, args.limit).context("loading the trace")?;
+    anyhow::ensure!(!requests.is_empty(), "the trace has no requests");
+    let prepared = sim::prepare(&requests, engine.block_size, args.speedup);
+    let bar = if args.no_progress {
+        ProgressBar::hidden()
+    } else {
+        let bar = ProgressBar::new((prepared.len() * args.sim_router_mode.len()) as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "sim [{elapsed_precise}] {wide_bar} {pos}/{len} requests ({msg})",
+            )
+            .expect("static template"),
+        );
+        bar
+    };
+    let mut reports: Vec<ModeReport> = Vec::new();
+    for mode in &args.sim_router_mode {
+        bar.set_message(mode.to_string());
+        reports.push(sim::run(*mode, &cfg, &prepared, &bar));
+    }
+    bar.finish_and_clear();
+    print!("{}", report::table(&reports));
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&reports)? + "\n";
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        let title = format!(
+            "{} requests, {} workers × {} blocks, arrivals ×{}",
+            prepared.len(),
+            cfg.workers,
+            engine.num_gpu_blocks,
+            args.speedup
+        );
+        std::fs::write(path, report::svg(&reports, &title))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
