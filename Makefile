@@ -3,11 +3,19 @@ SHARED ?= ../shared
 CARGO  ?= cargo
 OUT    := out
 
-.PHONY: run test lint unit bench-build bench-index fuzz deps clean
+.PHONY: run index test lint unit bench-build bench-index fuzz deps clean
 
-## The main job today: replay the Mooncake production trace through the KV index
-## (kv-ops/1 workload from shared/tools/kv-ops-gen) and print the JSON report.
-run: $(OUT)/conv.kvops
+## The main job today: replay the Mooncake production trace (12,031 requests) through
+## 8 simulated engines behind the real router, once per routing mode, in virtual time.
+run:
+	$(CARGO) build --release -p kvrouter
+	mkdir -p $(OUT)
+	./target/release/kvrouter sim --trace $(SHARED)/data/mooncake_conversation_trace.jsonl \
+	  --workers 8 --speedup 6 --json $(OUT)/sim.json --plot $(OUT)/sim.svg
+	@echo "results: $(OUT)/sim.json, chart: $(OUT)/sim.svg"
+
+## Replay the trace's KV events and lookups through the index alone (one JSON line).
+index: $(OUT)/conv.kvops
 	$(CARGO) build --release -p kvrouter
 	./target/release/kvrouter bench index --ops $(OUT)/conv.kvops
 

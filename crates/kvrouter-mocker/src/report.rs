@@ -318,7 +318,17 @@ pub fn svg(reports: &[ModeReport], title: &str) -> String {
                 pts.join(" ")
             ));
         }
-        // Hit-rate bar.
+        // Legend inside the CDF panel, then the hit-rate bar.
+        s.push_str(&format!(
+            r#"<line x1="{}" y1="{}" x2="{}" y2="{}" stroke="{c}" stroke-width="3"/><text x="{}" y="{}">{}</text>"#,
+            l + 10.0,
+            t + 14.0 + k as f64 * 15.0,
+            l + 30.0,
+            t + 14.0 + k as f64 * 15.0,
+            l + 35.0,
+            t + 18.0 + k as f64 * 15.0,
+            xml(&r.mode)
+        ));
         let bx = 640.0 + k as f64 * 48.0;
         let bh = r.hit_rate * ph;
         s.push_str(&format!(
