@@ -1,5 +1,7 @@
 # kvrouter — the front door. `make run` runs the main job, `make test` passes the tests.
 SHARED ?= ../shared
+# Debian installs nats-server in /usr/sbin, which a non-login PATH may lack.
+export PATH := $(PATH):/usr/sbin
 CARGO  ?= cargo
 OUT    := out
 

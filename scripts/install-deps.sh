@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs what the build and the tests need, only when it is missing.
-# Today: a Rust toolchain with rustfmt and clippy (the machine image has them).
+# Installs what the build and the tests need, only when it is missing:
+# a Rust toolchain with rustfmt and clippy (the machine image has them), python3,
+# and nats-server (Debian package; the runtime tests start real servers).
 set -euo pipefail
 missing=()
 command -v cargo >/dev/null || missing+=("cargo (install Rust with rustup)")
@@ -11,3 +12,17 @@ if ((${#missing[@]})); then
   printf 'missing: %s\n' "${missing[@]}" >&2
   exit 1
 fi
+
+apt_pkgs=()
+command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || apt_pkgs+=(nats-server)
+if ((${#apt_pkgs[@]})); then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "install as root: apt-get install -y ${apt_pkgs[*]}" >&2
+    exit 1
+  fi
+  echo "installing ${apt_pkgs[*]} (Debian packages)…" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_pkgs[@]}" >/dev/null
+fi
+# Debian puts nats-server in /usr/sbin, which a non-login PATH may lack.
+command -v nats-server >/dev/null || { echo "nats-server is installed in /usr/sbin; add it to PATH" >&2; exit 1; }

@@ -1,0 +1,104 @@
+//! Discovery: instances register under an endpoint with a lease; clients watch.
+//!
+//! [`Discovery`] is the seam; [`MemDiscovery`] serves one process (tests and
+//! `serve`), [`FileDiscovery`] the processes of one host through a shared
+//! directory. A registration lives as long as its [`Registration`] handle (and,
+//! for stores with leases, as long as its holder keeps renewing it: a process
+//! that dies disappears within the lease's TTL). A [`Watch`] first reports every
+//! current instance as added, then changes as they happen.
+
+mod file;
+mod mem;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::endpoint::{EndpointId, Instance, InstanceId};
+pub use file::FileDiscovery;
+pub use mem::MemDiscovery;
+
+/// A change to an endpoint's instances.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DiscoveryEvent {
+    /// An instance appeared (or was already there when the watch started).
+    Added(Instance),
+    /// An instance left or its lease expired.
+    Removed(InstanceId),
+}
+
+/// Why a discovery operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    /// The store could not be read or written.
+    #[error("discovery store I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// A stored record is not valid.
+    #[error("invalid discovery record {key}: {message}")]
+    Corrupt {
+        /// The record.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Keeps an instance registered; dropping it deregisters.
+pub struct Registration {
+    cancel: CancellationToken,
+    on_drop: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl Registration {
+    pub(crate) fn new(
+        cancel: CancellationToken,
+        on_drop: Option<Box<dyn FnOnce() + Send>>,
+    ) -> Self {
+        Self { cancel, on_drop }
+    }
+
+    /// Stops renewing the lease without deregistering, as a crashed process
+    /// would: the instance disappears once its TTL runs out.
+    pub fn abandon(mut self) {
+        self.on_drop = None;
+        self.cancel.cancel();
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        if let Some(f) = self.on_drop.take() {
+            f();
+        }
+    }
+}
+
+/// A stream of changes to one endpoint's instances.
+pub struct Watch {
+    pub(crate) rx: mpsc::UnboundedReceiver<DiscoveryEvent>,
+}
+
+impl Watch {
+    /// The next change; `None` when the store is gone.
+    pub async fn next(&mut self) -> Option<DiscoveryEvent> {
+        self.rx.recv().await
+    }
+}
+
+/// Where instances register and are found.
+#[async_trait]
+pub trait Discovery: Send + Sync {
+    /// Registers `instance` with a lease of `ttl`, renewed while the handle lives.
+    async fn register(
+        &self,
+        instance: Instance,
+        ttl: Duration,
+    ) -> Result<Registration, DiscoveryError>;
+    /// The live instances of an endpoint.
+    async fn list(&self, endpoint: &EndpointId) -> Result<Vec<Instance>, DiscoveryError>;
+    /// Current instances as `Added`, then every change.
+    async fn watch(&self, endpoint: &EndpointId) -> Result<Watch, DiscoveryError>;
+}

@@ -1,0 +1,35 @@
+//! The event plane: publish/subscribe of KV events and load reports.
+//!
+//! Subjects are component-scoped strings (`EndpointId::subject`). Delivery is
+//! at-most-once and in order per publisher, as NATS core gives it; gaps are
+//! detected above this layer by the events' own ids.
+
+mod inproc;
+mod nats;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+
+pub use inproc::InProcEvents;
+pub use nats::{NatsEvents, nats_url};
+
+/// Messages of one subscription, in publish order.
+pub type Subscription = BoxStream<'static, Bytes>;
+
+/// Why publishing or subscribing failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    /// The NATS connection failed.
+    #[error("nats: {0}")]
+    Nats(String),
+}
+
+/// Where events are published and subscribed to.
+#[async_trait]
+pub trait EventPlane: Send + Sync {
+    /// Publishes one message.
+    async fn publish(&self, subject: &str, payload: Bytes) -> Result<(), EventError>;
+    /// Subscribes to a subject; messages published after this returns are delivered.
+    async fn subscribe(&self, subject: &str) -> Result<Subscription, EventError>;
+}

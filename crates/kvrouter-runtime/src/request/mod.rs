@@ -1,0 +1,322 @@
+//! The request plane: one request in, a stream of responses out.
+//!
+//! TCP transport. One connection carries many requests; every frame is
+//! `[len: u32 BE][kind: u8][request id: u64 BE][payload]`, `len` counting
+//! everything after itself. Kinds: 1 request, 2 data, 3 end, 4 error (payload:
+//! UTF-8 message), 5 cancel. A frame longer than the limit (default 16 MiB), of
+//! an unknown kind or shorter than its header closes that connection (logged)
+//! and cancels its requests; other connections are untouched. Back-pressure:
+//! each connection writes through a bounded queue, so a slow reader slows its
+//! handlers' streams. A caller that drops its response stream sends a cancel
+//! frame; the handler sees its [`CancellationToken`] fire.
+
+mod frame;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use tokio::io::{AsyncRead, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use frame::{Frame, FrameError, Kind, MAX_FRAME_DEFAULT};
+
+/// Serves requests: returns the response stream for one request.
+pub trait Handler: Send + Sync + 'static {
+    /// Handles `request`; `cancel` fires when the caller goes away.
+    fn handle(
+        &self,
+        request: Bytes,
+        cancel: CancellationToken,
+    ) -> BoxStream<'static, Result<Bytes, String>>;
+}
+
+/// Why a request failed, and whether another instance may be tried.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// Nothing accepted the connection: nothing was sent, safe to retry elsewhere.
+    #[error("instance unreachable at {0}")]
+    Unreachable(String),
+    /// The connection broke; retry only if no response arrived yet.
+    #[error("connection lost")]
+    ConnectionLost,
+    /// The handler answered with an error.
+    #[error("remote error: {0}")]
+    Remote(String),
+    /// The request does not fit in one frame.
+    #[error("request of {0} bytes exceeds the frame limit")]
+    TooLarge(usize),
+}
+
+impl RequestError {
+    /// Whether the router may send the request to another instance.
+    pub fn retryable(&self) -> bool {
+        matches!(self, RequestError::Unreachable(_))
+    }
+}
+
+/// Frames queued per connection before writers wait.
+const WRITE_QUEUE: usize = 1024;
+/// Responses queued per request on the client before the connection's reader waits.
+const STREAM_QUEUE: usize = 256;
+
+/// Serves `handler` on `listener` until `shutdown` fires.
+pub async fn serve(
+    listener: TcpListener,
+    handler: Arc<dyn Handler>,
+    shutdown: CancellationToken,
+    max_frame: usize,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(connection(stream, peer, handler.clone(), shutdown.child_token(), max_frame));
+                }
+                Err(e) => tracing::warn!(error = %e, "accept failed"),
+            }
+        }
+    }
+}
+
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    handler: Arc<dyn Handler>,
+    cancel: CancellationToken,
+    max_frame: usize,
+) {
+    let (rd, wr) = stream.into_split();
+    let (tx, rx) = mpsc::channel::<Frame>(WRITE_QUEUE);
+    let writer = tokio::spawn(write_frames(wr, rx));
+    let mut rd = BufReader::new(rd);
+    let mut active: HashMap<u64, CancellationToken> = HashMap::new();
+    loop {
+        let frame = tokio::select! {
+            _ = cancel.cancelled() => break,
+            f = frame::read(&mut rd, max_frame) => f,
+        };
+        match frame {
+            Ok(None) => break,
+            Ok(Some(f)) => match f.kind {
+                Kind::Request => {
+                    let token = cancel.child_token();
+                    active.retain(|_, t| !t.is_cancelled());
+                    active.insert(f.id, token.clone());
+                    let mut responses = handler.handle(f.payload, token.clone());
+                    let tx = tx.clone();
+                    let id = f.id;
+                    tokio::spawn(async move {
+                        loop {
+                            let item = tokio::select! {
+                                biased;
+                                _ = token.cancelled() => return,
+                                item = responses.next() => item,
+                            };
+                            if item.is_none() && token.is_cancelled() {
+                                // Ended because it was cancelled: not a completed stream.
+                                return;
+                            }
+                            let frame = match item {
+                                Some(Ok(data)) => Frame::new(Kind::Data, id, data),
+                                Some(Err(msg)) => Frame::new(Kind::Error, id, Bytes::from(msg)),
+                                None => Frame::new(Kind::End, id, Bytes::new()),
+                            };
+                            let last = frame.kind != Kind::Data;
+                            if tx.send(frame).await.is_err() || last {
+                                token.cancel();
+                                return;
+                            }
+                        }
+                    });
+                }
+                Kind::Cancel => {
+                    if let Some(t) = active.remove(&f.id) {
+                        t.cancel();
+                    }
+                }
+                other => {
+                    tracing::warn!(%peer, kind = ?other, "unexpected frame from a client; closing");
+                    break;
+                }
+            },
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "bad frame; closing the connection");
+                break;
+            }
+        }
+    }
+    for t in active.values() {
+        t.cancel();
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+async fn write_frames(wr: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::Receiver<Frame>) {
+    let mut wr = BufWriter::new(wr);
+    while let Some(f) = rx.recv().await {
+        if frame::write(&mut wr, &f).await.is_err() {
+            return;
+        }
+        // Batch whatever is already queued into one flush.
+        while let Ok(f) = rx.try_recv() {
+            if frame::write(&mut wr, &f).await.is_err() {
+                return;
+            }
+        }
+        if wr.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+type Pending = Arc<Mutex<HashMap<u64, mpsc::Sender<Result<Bytes, RequestError>>>>>;
+
+/// A client connection to one instance; cheap to clone, multiplexes requests.
+#[derive(Clone)]
+pub struct TcpClient {
+    tx: mpsc::Sender<Frame>,
+    pending: Pending,
+    next_id: Arc<AtomicU64>,
+    max_frame: usize,
+}
+
+impl TcpClient {
+    /// Connects, failing fast (typed, retryable) when nothing listens.
+    pub async fn connect(addr: &str, timeout: Duration) -> Result<Self, RequestError> {
+        let unreachable = || RequestError::Unreachable(addr.to_string());
+        let target = addr.strip_prefix("tcp://").unwrap_or(addr);
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(target))
+            .await
+            .map_err(|_| unreachable())?
+            .map_err(|_| unreachable())?;
+        let _ = stream.set_nodelay(true);
+        let (rd, wr) = stream.into_split();
+        let (tx, rx) = mpsc::channel::<Frame>(WRITE_QUEUE);
+        tokio::spawn(write_frames(wr, rx));
+        let pending: Pending = Arc::default();
+        tokio::spawn(read_responses(
+            BufReader::new(rd),
+            pending.clone(),
+            MAX_FRAME_DEFAULT,
+        ));
+        Ok(Self {
+            tx,
+            pending,
+            next_id: Arc::new(AtomicU64::new(1)),
+            max_frame: MAX_FRAME_DEFAULT,
+        })
+    }
+
+    /// Sends a request; its responses arrive on the returned stream.
+    pub async fn request(&self, body: Bytes) -> Result<ResponseStream, RequestError> {
+        if body.len() + frame::HEADER > self.max_frame {
+            return Err(RequestError::TooLarge(body.len()));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        self.pending.lock().expect("pending lock").insert(id, tx);
+        if self
+            .tx
+            .send(Frame::new(Kind::Request, id, body))
+            .await
+            .is_err()
+        {
+            self.pending.lock().expect("pending lock").remove(&id);
+            return Err(RequestError::ConnectionLost);
+        }
+        Ok(ResponseStream {
+            id,
+            rx,
+            tx: self.tx.clone(),
+            pending: self.pending.clone(),
+            done: false,
+        })
+    }
+}
+
+async fn read_responses<R: AsyncRead + Unpin>(mut rd: R, pending: Pending, max_frame: usize) {
+    while let Ok(Some(f)) = frame::read(&mut rd, max_frame).await {
+        let tx = pending.lock().expect("pending lock").get(&f.id).cloned();
+        let Some(tx) = tx else { continue }; // cancelled by the caller
+        let item = match f.kind {
+            Kind::Data => Ok(f.payload),
+            Kind::Error => Err(RequestError::Remote(
+                String::from_utf8_lossy(&f.payload).into_owned(),
+            )),
+            Kind::End => {
+                pending.lock().expect("pending lock").remove(&f.id);
+                continue; // dropping the sender ends the stream
+            }
+            _ => continue,
+        };
+        let last = item.is_err();
+        if last {
+            pending.lock().expect("pending lock").remove(&f.id);
+        }
+        let _ = tx.send(item).await;
+    }
+    // The connection is gone: every open stream ends with an error.
+    let open: Vec<_> = pending.lock().expect("pending lock").drain().collect();
+    for (_, tx) in open {
+        let _ = tx.send(Err(RequestError::ConnectionLost)).await;
+    }
+}
+
+/// Responses of one request; dropping it early cancels the request.
+pub struct ResponseStream {
+    id: u64,
+    rx: mpsc::Receiver<Result<Bytes, RequestError>>,
+    tx: mpsc::Sender<Frame>,
+    pending: Pending,
+    done: bool,
+}
+
+impl ResponseStream {
+    /// The next response; `None` at the end of the stream.
+    pub async fn next(&mut self) -> Option<Result<Bytes, RequestError>> {
+        let item = self.rx.recv().await;
+        if item.is_none() || matches!(item, Some(Err(_))) {
+            self.done = true;
+        }
+        item
+    }
+}
+
+impl Drop for ResponseStream {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        if self
+            .pending
+            .lock()
+            .expect("pending lock")
+            .remove(&self.id)
+            .is_some()
+        {
+            // Best effort: if the queue is full or closed the connection is in trouble anyway.
+            let _ = self
+                .tx
+                .try_send(Frame::new(Kind::Cancel, self.id, Bytes::new()));
+        }
+    }
+}
+
+/// Writes raw bytes to a server (tests of malformed input).
+#[doc(hidden)]
+pub async fn send_raw(addr: SocketAddr, bytes: &[u8]) -> std::io::Result<TcpStream> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(bytes).await?;
+    Ok(s)
+}
