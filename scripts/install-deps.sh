@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the build and the tests need, only when it is missing:
 # a Rust toolchain with rustfmt and clippy (the machine image has them), python3,
-# and nats-server (Debian package; the runtime tests start real servers).
+# protoc (the etcd client's build generates its gRPC code with it), and the
+# nats-server and etcd servers the runtime tests start (Debian packages).
 set -euo pipefail
 missing=()
 command -v cargo >/dev/null || missing+=("cargo (install Rust with rustup)")
@@ -15,6 +16,8 @@ fi
 
 apt_pkgs=()
 command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || apt_pkgs+=(nats-server)
+command -v etcd >/dev/null || apt_pkgs+=(etcd-server)
+command -v protoc >/dev/null || apt_pkgs+=(protobuf-compiler)
 if ((${#apt_pkgs[@]})); then
   if [ "$(id -u)" -ne 0 ]; then
     echo "install as root: apt-get install -y ${apt_pkgs[*]}" >&2

@@ -81,6 +81,101 @@ impl Drop for NatsServer {
     }
 }
 
+/// A single-node `etcd` on free ports with fast elections; killed on drop.
+pub struct EtcdServer {
+    child: Option<Child>,
+    /// Client port.
+    pub port: u16,
+    peer_port: u16,
+    dir: tempfile_dir::TempDir,
+}
+
+impl EtcdServer {
+    /// Starts one (the binary must be on PATH: `make test` installs it).
+    pub fn start() -> std::io::Result<Self> {
+        let dir = tempfile_dir::TempDir::new("kvrouter-etcd")?;
+        let mut server = Self {
+            child: None,
+            port: free_port(),
+            peer_port: free_port(),
+            dir,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    fn spawn(&mut self) -> std::io::Result<()> {
+        let client = format!("http://127.0.0.1:{}", self.port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let child = Command::new("etcd")
+            .args(["--name", "t", "--data-dir"])
+            .arg(self.dir.path())
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("t={peer}")])
+            .args([
+                "--heartbeat-interval",
+                "10",
+                "--election-timeout",
+                "100",
+                "--log-level",
+                "error",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("starting etcd (install it: `make deps`): {e}"),
+                )
+            })?;
+        self.child = Some(child);
+        if !wait_for_port(self.port, Duration::from_secs(15)) {
+            self.stop();
+            return Err(std::io::Error::other(
+                "etcd did not become ready within 15 s",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Kills the server (its data stays, for [`Self::restart`]).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same ports and data.
+    pub fn restart(&mut self) -> std::io::Result<()> {
+        self.stop();
+        self.spawn()
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// A temporary directory removed on drop (std only).
 mod tempfile_dir {
     use super::PathBuf;

@@ -7,11 +7,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use kvrouter_runtime::discovery::{Discovery, DiscoveryEvent, FileDiscovery, MemDiscovery};
+use kvrouter_runtime::discovery::{
+    Discovery, DiscoveryEvent, EtcdDiscovery, FileDiscovery, MemDiscovery,
+};
 use kvrouter_runtime::endpoint::{EndpointId, Instance};
 use kvrouter_runtime::events::{EventPlane, InProcEvents, NatsEvents};
 use kvrouter_runtime::request::{self, Handler, MAX_FRAME_DEFAULT, RequestError, TcpClient};
-use kvrouter_runtime::testing::NatsServer;
+use kvrouter_runtime::testing::{EtcdServer, NatsServer};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -278,6 +280,41 @@ async fn file_discovery_register_watch_and_lease_expiry() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(900)).await;
     assert_eq!(store.list(&ep).await.unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_discovery_leases_watch_and_expiry_against_a_real_server() {
+    let server = EtcdServer::start().expect("etcd (make deps installs it)");
+    let store = EtcdDiscovery::connect(&[server.endpoint()]).await.unwrap();
+    register_watch_expire(&store, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_watch_resyncs_after_a_server_restart() {
+    let mut server = EtcdServer::start().expect("etcd (make deps installs it)");
+    let store = EtcdDiscovery::connect(&[server.endpoint()]).await.unwrap();
+    let ep: EndpointId = "ns.backend.generate".parse().unwrap();
+    let keep = store
+        .register(instance(1, &ep), Duration::from_secs(30))
+        .await
+        .unwrap();
+    let mut watch = store.watch(&ep).await.unwrap();
+    assert_eq!(
+        watch.next().await,
+        Some(DiscoveryEvent::Added(instance(1, &ep)))
+    );
+    server.restart().expect("etcd restarts on the same data");
+    // A change made after the restart still reaches the old watch.
+    let other = EtcdDiscovery::connect(&[server.endpoint()]).await.unwrap();
+    let _r2 = other
+        .register(instance(2, &ep), Duration::from_secs(30))
+        .await
+        .unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(20), watch.next())
+        .await
+        .expect("resynced");
+    assert_eq!(ev, Some(DiscoveryEvent::Added(instance(2, &ep))));
+    drop(keep);
 }
 
 async fn hundred_thousand_in_order(bus: &dyn EventPlane, flush: impl AsyncFnOnce()) {

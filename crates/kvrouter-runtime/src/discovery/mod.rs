@@ -2,11 +2,12 @@
 //!
 //! [`Discovery`] is the seam; [`MemDiscovery`] serves one process (tests and
 //! `serve`), [`FileDiscovery`] the processes of one host through a shared
-//! directory. A registration lives as long as its [`Registration`] handle (and,
+//! directory, [`EtcdDiscovery`] a fleet (leases with keep-alive, prefix watches). A registration lives as long as its [`Registration`] handle (and,
 //! for stores with leases, as long as its holder keeps renewing it: a process
 //! that dies disappears within the lease's TTL). A [`Watch`] first reports every
 //! current instance as added, then changes as they happen.
 
+mod etcd;
 mod file;
 mod mem;
 
@@ -17,6 +18,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::endpoint::{EndpointId, Instance, InstanceId};
+pub use etcd::{EtcdDiscovery, etcd_endpoints};
 pub use file::FileDiscovery;
 pub use mem::MemDiscovery;
 
@@ -35,6 +37,9 @@ pub enum DiscoveryError {
     /// The store could not be read or written.
     #[error("discovery store I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// The etcd cluster failed or is unreachable.
+    #[error("etcd: {0}")]
+    Etcd(String),
     /// A stored record is not valid.
     #[error("invalid discovery record {key}: {message}")]
     Corrupt {
