@@ -11,7 +11,7 @@ use kvrouter_runtime::discovery::{
     Discovery, DiscoveryEvent, EtcdDiscovery, FileDiscovery, MemDiscovery,
 };
 use kvrouter_runtime::endpoint::{EndpointId, Instance};
-use kvrouter_runtime::events::{EventPlane, InProcEvents, NatsEvents};
+use kvrouter_runtime::events::{DurableEvents, EventPlane, InProcEvents, NatsEvents};
 use kvrouter_runtime::request::{self, Handler, MAX_FRAME_DEFAULT, RequestError, TcpClient};
 use kvrouter_runtime::testing::{EtcdServer, NatsServer};
 use tokio::io::AsyncReadExt;
@@ -358,4 +358,88 @@ async fn nats_events_deliver_100k_in_order_against_a_real_server() {
     let bus = NatsEvents::connect(&server.url()).await.unwrap();
     let b2 = bus.clone();
     hundred_thousand_in_order(&bus, async move || b2.flush().await.unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_durable_consumers_purge_and_snapshots() {
+    let server = NatsServer::start().expect("nats-server (make deps installs it)");
+    let nats = NatsEvents::connect(&server.url()).await.unwrap();
+    let stream = DurableEvents::open(
+        nats.client(),
+        "kv-events-test",
+        "ns.kv-events",
+        Duration::from_secs(3600),
+    )
+    .await
+    .unwrap();
+    for i in 0..100u32 {
+        assert_eq!(
+            stream
+                .publish(Bytes::from(i.to_be_bytes().to_vec()))
+                .await
+                .unwrap(),
+            i as u64 + 1
+        );
+    }
+    assert_eq!(stream.message_count().await.unwrap(), 100);
+    // Router A consumes 60, then "restarts": it resumes at 61.
+    {
+        let mut a = stream
+            .consumer("router-a", Duration::from_millis(300))
+            .await
+            .unwrap();
+        for expect in 1..=60u64 {
+            let d = a.next().await.unwrap().unwrap();
+            assert_eq!(d.sequence, expect);
+            d.ack().await.unwrap();
+        }
+    }
+    let mut a = stream
+        .consumer("router-a", Duration::from_millis(300))
+        .await
+        .unwrap();
+    let d = a.next().await.unwrap().unwrap();
+    assert_eq!(
+        d.sequence, 61,
+        "a durable consumer resumes after its acknowledgements"
+    );
+    d.ack().await.unwrap();
+    // Router B acknowledged only 10: purging keeps what B still needs.
+    let mut b = stream
+        .consumer("router-b", Duration::from_millis(300))
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        b.next().await.unwrap().unwrap().ack().await.unwrap();
+    }
+    // Acks are asynchronous on the server: poll until the floor shows.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let purged = loop {
+        let p = stream.purge_acknowledged().await.unwrap();
+        if p == 10 || Instant::now() > deadline {
+            break p;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(purged, 10);
+    assert_eq!(stream.message_count().await.unwrap(), 90);
+    let d = b.next().await.unwrap().unwrap();
+    assert_eq!(d.sequence, 11, "nothing B had not acknowledged was purged");
+    // Snapshots: an 8 MiB object round trip, overwrite, delete.
+    let snaps = stream.snapshots("radix-bucket-test").await.unwrap();
+    let blob: Vec<u8> = (0..8u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    snaps.put("radix-state", &blob).await.unwrap();
+    assert_eq!(
+        snaps.get("radix-state").await.unwrap().as_deref(),
+        Some(&blob[..])
+    );
+    snaps.put("radix-state", b"v2").await.unwrap();
+    assert_eq!(
+        snaps.get("radix-state").await.unwrap().as_deref(),
+        Some(&b"v2"[..])
+    );
+    snaps.delete("radix-state").await.unwrap();
+    assert_eq!(snaps.get("radix-state").await.unwrap(), None);
+    stream.purge_all().await.unwrap();
+    assert_eq!(stream.message_count().await.unwrap(), 0);
 }

@@ -5,6 +5,7 @@
 //! detected above this layer by the events' own ids.
 
 mod inproc;
+mod jetstream;
 mod nats;
 
 use async_trait::async_trait;
@@ -12,6 +13,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 
 pub use inproc::InProcEvents;
+pub use jetstream::{Delivery, DurableConsumer, DurableEvents, SnapshotStore};
 pub use nats::{NatsEvents, nats_url};
 
 /// Messages of one subscription, in publish order.

@@ -28,6 +28,11 @@ impl NatsEvents {
         Ok(Self { client })
     }
 
+    /// The underlying client (for JetStream).
+    pub fn client(&self) -> async_nats::Client {
+        self.client.clone()
+    }
+
     /// Waits until the server has processed everything sent so far.
     pub async fn flush(&self) -> Result<(), EventError> {
         self.client
