@@ -11,7 +11,9 @@ use kvrouter_runtime::discovery::{
     Discovery, DiscoveryEvent, EtcdDiscovery, FileDiscovery, MemDiscovery,
 };
 use kvrouter_runtime::endpoint::{EndpointId, Instance};
-use kvrouter_runtime::events::{DurableEvents, EventPlane, InProcEvents, NatsEvents};
+use kvrouter_runtime::events::{
+    DurableEvents, EventPlane, InProcEvents, NatsEvents, ZmqPublisher, ZmqSubscriber,
+};
 use kvrouter_runtime::request::{self, Handler, MAX_FRAME_DEFAULT, RequestError, TcpClient};
 use kvrouter_runtime::testing::{EtcdServer, NatsServer};
 use tokio::io::AsyncReadExt;
@@ -442,4 +444,55 @@ async fn jetstream_durable_consumers_purge_and_snapshots() {
     assert_eq!(snaps.get("radix-state").await.unwrap(), None);
     stream.purge_all().await.unwrap();
     assert_eq!(stream.message_count().await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zmq_delivers_100k_in_order_with_sequence_numbers() {
+    let mut publisher = ZmqPublisher::bind("tcp://127.0.0.1:0").await.unwrap();
+    let mut sub = ZmqSubscriber::connect(publisher.address(), "kv")
+        .await
+        .unwrap();
+    // Slow joiner: PUB drops until the subscription has arrived, so probe first.
+    let probe = async {
+        loop {
+            publisher
+                .publish("kv-probe", Bytes::from_static(b"p"))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let first = tokio::select! { m = sub.next() => m.unwrap(), _ = probe => unreachable!() };
+    assert_eq!(&first.topic[..], b"kv-probe");
+    let start = publisher
+        .publish("kv-events", Bytes::from_static(b"start"))
+        .await
+        .unwrap();
+    let n = 100_000u64;
+    let consumer = async {
+        // Skip probes still in flight, then expect every event in order.
+        let mut m = sub.next().await.unwrap();
+        while m.seq < start {
+            m = sub.next().await.unwrap();
+        }
+        assert_eq!(m.payload, Bytes::from_static(b"start"));
+        for i in 0..n {
+            let m = tokio::time::timeout(Duration::from_secs(20), sub.next())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(m.seq, start + 1 + i);
+            assert_eq!(m.gap, 0);
+            assert_eq!(u64::from_be_bytes(m.payload[..8].try_into().unwrap()), i);
+        }
+    };
+    let producer = async {
+        for i in 0..n {
+            publisher
+                .publish("kv-events", Bytes::from(i.to_be_bytes().to_vec()))
+                .await
+                .unwrap();
+        }
+    };
+    tokio::join!(producer, consumer);
 }
