@@ -14,7 +14,9 @@ use kvrouter_runtime::endpoint::{EndpointId, Instance};
 use kvrouter_runtime::events::{
     DurableEvents, EventPlane, InProcEvents, NatsEvents, ZmqPublisher, ZmqSubscriber,
 };
-use kvrouter_runtime::request::{self, Handler, MAX_FRAME_DEFAULT, RequestError, TcpClient};
+use kvrouter_runtime::request::{
+    self, Handler, MAX_FRAME_DEFAULT, NatsRequester, RequestError, TcpClient,
+};
 use kvrouter_runtime::testing::{EtcdServer, NatsServer};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
@@ -495,4 +497,65 @@ async fn zmq_delivers_100k_in_order_with_sequence_numbers() {
         }
     };
     tokio::join!(producer, consumer);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_request_plane_streams_cancels_and_detects_absent_instances() {
+    let server = NatsServer::start().expect("nats-server (make deps installs it)");
+    let nats = NatsEvents::connect(&server.url()).await.unwrap();
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let shutdown = CancellationToken::new();
+    let handler = Arc::new(Counter {
+        cancelled: cancelled.clone(),
+    });
+    let subject = "ns.backend.generate.7".to_string();
+    tokio::spawn(request::serve_nats(
+        nats.client(),
+        subject.clone(),
+        handler,
+        shutdown.clone(),
+    ));
+    let caller = NatsRequester::new(nats.client(), subject, Duration::from_secs(2));
+    // The server subscribes asynchronously: retry the first call until it answers.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut s = loop {
+        match caller.request(Bytes::from_static(b"10000")).await {
+            Ok(s) => break s,
+            Err(e) if e.retryable() && Instant::now() < deadline => continue,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let mut got = 0u64;
+    while let Some(item) = s.next().await {
+        assert_eq!(item.unwrap(), Bytes::from(got.to_string()));
+        got += 1;
+    }
+    assert_eq!(got, 10_000);
+    let mut f = caller
+        .request(Bytes::from_static(b"forever"))
+        .await
+        .unwrap();
+    f.next().await.unwrap().unwrap();
+    drop(f);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cancelled.load(Ordering::SeqCst) {
+        assert!(
+            Instant::now() < deadline,
+            "cancellation never reached the handler"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let nobody = NatsRequester::new(
+        nats.client(),
+        "ns.backend.generate.404".into(),
+        Duration::from_millis(300),
+    );
+    let t0 = Instant::now();
+    let err = nobody
+        .request(Bytes::from_static(b"1"))
+        .await
+        .err()
+        .expect("no instance");
+    assert!(err.retryable());
+    assert!(t0.elapsed() < Duration::from_secs(1));
 }

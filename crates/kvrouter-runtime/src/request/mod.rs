@@ -1,6 +1,7 @@
 //! The request plane: one request in, a stream of responses out.
 //!
-//! TCP transport. One connection carries many requests; every frame is
+//! Two transports: multiplexed TCP (below, the default) and NATS subjects
+//! ([`serve_nats`], [`NatsRequester`]). TCP transport. One connection carries many requests; every frame is
 //! `[len: u32 BE][kind: u8][request id: u64 BE][payload]`, `len` counting
 //! everything after itself. Kinds: 1 request, 2 data, 3 end, 4 error (payload:
 //! UTF-8 message), 5 cancel. A frame longer than the limit (default 16 MiB), of
@@ -11,6 +12,7 @@
 //! frame; the handler sees its [`CancellationToken`] fire.
 
 mod frame;
+mod nats;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -27,6 +29,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use frame::{Frame, FrameError, Kind, MAX_FRAME_DEFAULT};
+pub use nats::{NatsRequester, NatsResponseStream, serve_nats};
 
 /// Serves requests: returns the response stream for one request.
 pub trait Handler: Send + Sync + 'static {
