@@ -90,8 +90,10 @@ impl FromStr for SimMode {
 /// Everything a simulation run needs besides the trace.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
-    /// Engines (one rank each).
+    /// Workers.
     pub workers: usize,
+    /// Data-parallel ranks per worker (each rank is an engine with its own cache).
+    pub data_parallel_size: usize,
     /// Engine settings.
     pub engine: EngineConfig,
     /// Router settings (weight, temperature, tracking, approximate TTL…).
@@ -177,10 +179,17 @@ pub fn run(
         return oracle(cfg, reqs, progress);
     }
     let bs = cfg.engine.block_size;
-    let mut engines: Vec<Engine> = (0..cfg.workers)
-        .map(|w| Engine::new(cfg.engine, w as u64, 0))
+    // One engine per (worker, rank); slot = worker × dp + rank.
+    let dp = cfg.data_parallel_size.max(1);
+    let slots = cfg.workers * dp;
+    let key_of = |slot: usize| WorkerKey::new((slot / dp) as u64, (slot % dp) as u32);
+    let mut engines: Vec<Engine> = (0..slots)
+        .map(|s| {
+            let k = key_of(s);
+            Engine::new(cfg.engine, k.worker_id, k.dp_rank)
+        })
         .collect();
-    let mut busy = vec![false; cfg.workers];
+    let mut busy = vec![false; slots];
     let mut router = match mode {
         SimMode::Kv => Router::Kv {
             index: RadixIndex::new(),
@@ -191,11 +200,11 @@ pub fn run(
         _ => Router::Plain { next: 0 },
     };
     let mut tracker = SequenceTracker::new(bs);
-    for w in 0..cfg.workers {
-        tracker.add_worker(WorkerKey::new(w as u64, 0));
+    for s in 0..slots {
+        tracker.add_worker(key_of(s));
     }
     let mut rng = StdRng::seed_from_u64(cfg.seed);
-    let mut rec = Recorder::new(mode, reqs, cfg.workers);
+    let mut rec = Recorder::new(mode, reqs, slots);
     let mut heap = BinaryHeap::new();
     let mut seqno = 0u64;
     let mut push = |heap: &mut BinaryHeap<(At, Ev)>, t: f64, e: Ev| {
@@ -217,15 +226,15 @@ pub fn run(
                 let w = match &mut router {
                     Router::Plain { next } => {
                         if mode == SimMode::Random {
-                            rng.random_range(0..cfg.workers)
+                            rng.random_range(0..slots)
                         } else {
                             *next += 1;
-                            (*next - 1) % cfg.workers
+                            (*next - 1) % slots
                         }
                     }
                     Router::Kv { index } => {
                         let overlaps = index.find_matches(&r.local);
-                        route_kv(
+                        let k = route_kv(
                             cfg,
                             r,
                             &overlaps,
@@ -233,12 +242,13 @@ pub fn run(
                             &ids[i],
                             &mut rng,
                             instant(now),
-                        )
+                        );
+                        k.worker_id as usize * dp + k.dp_rank as usize
                     }
                     Router::Approx { index } => {
                         index.expire(instant(now));
                         let overlaps = index.find_matches(&r.local);
-                        let w = route_kv(
+                        let k = route_kv(
                             cfg,
                             r,
                             &overlaps,
@@ -247,13 +257,8 @@ pub fn run(
                             &mut rng,
                             instant(now),
                         );
-                        index.process_routing_decision(
-                            WorkerKey::new(w as u64, 0),
-                            &r.local,
-                            &r.seq,
-                            instant(now),
-                        );
-                        w
+                        index.process_routing_decision(k, &r.local, &r.seq, instant(now));
+                        k.worker_id as usize * dp + k.dp_rank as usize
                     }
                 };
                 rec.routed(i, w);
@@ -284,7 +289,7 @@ pub fn run(
                 if let Router::Kv { index } = &mut router {
                     for event in result.events {
                         // Counted in the index's stats; the report checks they are all clean.
-                        let _ = index.apply_event(&RouterEvent::new(w as u64, event));
+                        let _ = index.apply_event(&RouterEvent::new(key_of(w).worker_id, event));
                     }
                 }
                 for t in &result.tokens {
@@ -321,7 +326,7 @@ fn route_kv(
     id: &str,
     rng: &mut StdRng,
     now: Instant,
-) -> usize {
+) -> WorkerKey {
     let rc = &cfg.router;
     let hashes = tracking_hashes(
         &r.local,
@@ -359,14 +364,15 @@ fn route_kv(
         },
         now,
     );
-    d.worker.worker_id as usize
+    d.worker
 }
 
 /// The pooled-cache bound: one LRU cache of every worker's capacity.
 fn oracle(cfg: &SimConfig, reqs: &[SimRequest], progress: &ProgressBar) -> ModeReport {
     let bs = cfg.engine.block_size;
-    let mut cache = BlockManager::new(cfg.workers * cfg.engine.num_gpu_blocks, true);
-    let mut rec = Recorder::new(SimMode::Oracle, reqs, cfg.workers);
+    let slots = cfg.workers * cfg.data_parallel_size.max(1);
+    let mut cache = BlockManager::new(slots * cfg.engine.num_gpu_blocks, true);
+    let mut rec = Recorder::new(SimMode::Oracle, reqs, slots);
     for (i, r) in reqs.iter().enumerate() {
         let names: Vec<u64> = r.seq.iter().map(|h| h.0).collect();
         let mut cached = cache.cached_prefix(&names);

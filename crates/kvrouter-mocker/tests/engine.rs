@@ -216,6 +216,7 @@ fn simulation_is_deterministic_and_kv_beats_round_robin_on_reuse() {
     let trace = small_trace();
     let cfg = SimConfig {
         workers: 4,
+        data_parallel_size: 1,
         engine: EngineConfig {
             num_gpu_blocks: 256,
             block_size: 64,
@@ -252,4 +253,15 @@ fn simulation_is_deterministic_and_kv_beats_round_robin_on_reuse() {
         assert!(v[i]["ttft_p50_ms"].as_f64().unwrap() > 0.0);
     }
     assert!(v[4]["ttft_p50_ms"].is_null());
+    // Two data-parallel ranks per worker: the router sees (worker, rank) pairs
+    // and every rank's events land in the index cleanly.
+    let dp = SimConfig {
+        workers: 2,
+        data_parallel_size: 2,
+        ..cfg.clone()
+    };
+    let r = sim::run(SimMode::Kv, &dp, &reqs, &ProgressBar::hidden());
+    assert_eq!(r.requests, 300);
+    assert_eq!(r.kv_event_errors, 0);
+    assert!(r.hit_rate > 0.0);
 }

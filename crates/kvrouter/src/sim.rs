@@ -27,6 +27,7 @@ pub fn run(args: &SimArgs, router: KvRouterConfig) -> anyhow::Result<ExitCode> {
     };
     let cfg = SimConfig {
         workers: args.sim_workers as usize,
+        data_parallel_size: e.data_parallel_size as usize,
         engine,
         router,
         arrival_speedup: args.speedup,
