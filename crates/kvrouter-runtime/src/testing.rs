@@ -31,20 +31,36 @@ pub fn wait_for_port(port: u16, deadline: Duration) -> bool {
 
 /// A `nats-server -js` on a free port; killed on drop.
 pub struct NatsServer {
-    child: Child,
+    child: Option<Child>,
     /// Client port.
     pub port: u16,
-    _dir: tempfile_dir::TempDir,
+    dir: tempfile_dir::TempDir,
 }
 
 impl NatsServer {
     /// Starts one (the binary must be on PATH: `make test` installs it).
     pub fn start() -> std::io::Result<Self> {
         let dir = tempfile_dir::TempDir::new("kvrouter-nats")?;
-        let port = free_port();
+        let mut server = Self {
+            child: None,
+            port: free_port(),
+            dir,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    fn spawn(&mut self) -> std::io::Result<()> {
         let child = Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(dir.path())
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(self.dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -54,18 +70,28 @@ impl NatsServer {
                     format!("starting nats-server (install it: `make deps`): {e}"),
                 )
             })?;
-        let mut server = Self {
-            child,
-            port,
-            _dir: dir,
-        };
-        if !wait_for_port(port, Duration::from_secs(10)) {
-            let _ = server.child.kill();
+        self.child = Some(child);
+        if !wait_for_port(self.port, Duration::from_secs(10)) {
+            self.stop();
             return Err(std::io::Error::other(
                 "nats-server did not become ready within 10 s",
             ));
         }
-        Ok(server)
+        Ok(())
+    }
+
+    /// Kills the server.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port and storage.
+    pub fn restart(&mut self) -> std::io::Result<()> {
+        self.stop();
+        self.spawn()
     }
 
     /// `nats://127.0.0.1:PORT`.
@@ -76,8 +102,7 @@ impl NatsServer {
 
 impl Drop for NatsServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 

@@ -559,3 +559,29 @@ async fn nats_request_plane_streams_cancels_and_detects_absent_instances() {
     assert!(err.retryable());
     assert!(t0.elapsed() < Duration::from_secs(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_subscriptions_survive_a_server_restart() {
+    let mut server = NatsServer::start().expect("nats-server (make deps installs it)");
+    let bus = NatsEvents::connect(&server.url()).await.unwrap();
+    let mut sub = bus.subscribe("ns.kv-events").await.unwrap();
+    bus.publish("ns.kv-events", Bytes::from_static(b"before"))
+        .await
+        .unwrap();
+    assert_eq!(sub.next().await.unwrap(), Bytes::from_static(b"before"));
+    server
+        .restart()
+        .expect("nats-server restarts on the same port");
+    // The client reconnects and re-subscribes by itself: publish until a message gets through.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(Instant::now() < deadline, "no delivery after the restart");
+        let _ = bus
+            .publish("ns.kv-events", Bytes::from_static(b"after"))
+            .await;
+        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
+            assert_eq!(m, Bytes::from_static(b"after"));
+            break;
+        }
+    }
+}

@@ -65,6 +65,44 @@ impl RequestError {
     }
 }
 
+/// The `tcp://host:port` to advertise in discovery for a listener bound to `bound`.
+///
+/// `host` (from configuration, e.g. `DYN_TCP_ADVERTISE_HOST`) wins; otherwise a
+/// listener on a specific address advertises that address, and one on the
+/// wildcard advertises loopback: right for one host, and never a guess (such as
+/// the first interface) that silently breaks it.
+pub fn advertise_address(bound: SocketAddr, host: Option<&str>) -> String {
+    let host = match host {
+        Some(h) if !h.is_empty() => h.to_string(),
+        _ if bound.ip().is_unspecified() => "127.0.0.1".to_string(),
+        _ => bound.ip().to_string(),
+    };
+    if host.contains(':') && !host.starts_with('[') {
+        format!("tcp://[{host}]:{}", bound.port())
+    } else {
+        format!("tcp://{host}:{}", bound.port())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::advertise_address;
+
+    #[test]
+    fn advertised_addresses() {
+        let any: std::net::SocketAddr = "0.0.0.0:4000".parse().unwrap();
+        assert_eq!(advertise_address(any, None), "tcp://127.0.0.1:4000");
+        assert_eq!(
+            advertise_address(any, Some("10.1.2.3")),
+            "tcp://10.1.2.3:4000"
+        );
+        let v6: std::net::SocketAddr = "[::1]:5".parse().unwrap();
+        assert_eq!(advertise_address(v6, None), "tcp://[::1]:5");
+        let specific: std::net::SocketAddr = "192.168.0.7:9".parse().unwrap();
+        assert_eq!(advertise_address(specific, Some("")), "tcp://192.168.0.7:9");
+    }
+}
+
 /// Frames queued per connection before writers wait.
 const WRITE_QUEUE: usize = 1024;
 /// Responses queued per request on the client before the connection's reader waits.
