@@ -15,7 +15,7 @@ use kvrouter_runtime::events::{
     DurableEvents, EventPlane, InProcEvents, NatsEvents, ZmqPublisher, ZmqSubscriber,
 };
 use kvrouter_runtime::request::{
-    self, Handler, MAX_FRAME_DEFAULT, NatsRequester, RequestError, TcpClient,
+    self, Handler, HttpRequester, MAX_FRAME_DEFAULT, NatsRequester, RequestError, TcpClient,
 };
 use kvrouter_runtime::testing::{EtcdServer, NatsServer};
 use tokio::io::AsyncReadExt;
@@ -584,4 +584,53 @@ async fn nats_subscriptions_survive_a_server_restart() {
             break;
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_request_plane_streams_cancels_and_fails_fast() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let app = request::http_router(Arc::new(Counter {
+        cancelled: cancelled.clone(),
+    }));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let caller = HttpRequester::new(&base, Duration::from_secs(1));
+    let mut s = caller.request(Bytes::from_static(b"10000")).await.unwrap();
+    let mut got = 0u64;
+    while let Some(item) = s.next().await {
+        assert_eq!(item.unwrap(), Bytes::from(got.to_string()));
+        got += 1;
+    }
+    assert_eq!(got, 10_000);
+    let mut f = caller.request(Bytes::from_static(b"fail")).await.unwrap();
+    assert_eq!(f.next().await, Some(Ok(Bytes::from_static(b"partial"))));
+    assert_eq!(
+        f.next().await,
+        Some(Err(RequestError::Remote("boom".into())))
+    );
+    let mut forever = caller
+        .request(Bytes::from_static(b"forever"))
+        .await
+        .unwrap();
+    forever.next().await.unwrap().unwrap();
+    drop(forever);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cancelled.load(Ordering::SeqCst) {
+        assert!(
+            Instant::now() < deadline,
+            "cancellation never reached the handler"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let port = kvrouter_runtime::testing::free_port();
+    let dead = HttpRequester::new(&format!("http://127.0.0.1:{port}"), Duration::from_secs(1));
+    let t0 = Instant::now();
+    let err = dead
+        .request(Bytes::from_static(b"1"))
+        .await
+        .err()
+        .expect("nothing listens");
+    assert!(err.retryable(), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(1));
 }

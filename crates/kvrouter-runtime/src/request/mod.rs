@@ -1,7 +1,8 @@
 //! The request plane: one request in, a stream of responses out.
 //!
-//! Two transports: multiplexed TCP (below, the default) and NATS subjects
-//! ([`serve_nats`], [`NatsRequester`]). TCP transport. One connection carries many requests; every frame is
+//! Three transports: multiplexed TCP (below, the default), NATS subjects
+//! ([`serve_nats`], [`NatsRequester`]) and HTTP ([`http_router`],
+//! [`HttpRequester`]). TCP transport. One connection carries many requests; every frame is
 //! `[len: u32 BE][kind: u8][request id: u64 BE][payload]`, `len` counting
 //! everything after itself. Kinds: 1 request, 2 data, 3 end, 4 error (payload:
 //! UTF-8 message), 5 cancel. A frame longer than the limit (default 16 MiB), of
@@ -12,6 +13,7 @@
 //! frame; the handler sees its [`CancellationToken`] fire.
 
 mod frame;
+mod http;
 mod nats;
 
 use std::collections::HashMap;
@@ -29,6 +31,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use frame::{Frame, FrameError, Kind, MAX_FRAME_DEFAULT};
+pub use http::{HttpRequester, HttpResponseStream, http_router};
 pub use nats::{NatsRequester, NatsResponseStream, serve_nats};
 
 /// Serves requests: returns the response stream for one request.
