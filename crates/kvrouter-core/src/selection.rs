@@ -42,25 +42,42 @@ impl RouterMode {
     ];
 }
 
+/// The name of `value` in a `(value, name)` table.
+pub fn choice_name<T: PartialEq>(value: &T, table: &[(T, &'static str)]) -> &'static str {
+    table
+        .iter()
+        .find(|(v, _)| v == value)
+        .map_or("?", |(_, n)| n)
+}
+
+/// Parses one of a table's names: case-insensitive, `_` read as `-` (the
+/// reference spells some defaults `round_robin`).
+pub fn parse_choice<T: Copy>(
+    s: &str,
+    table: &[(T, &'static str)],
+    what: &str,
+) -> Result<T, String> {
+    let norm = s.trim().to_ascii_lowercase().replace('_', "-");
+    table
+        .iter()
+        .find(|(_, n)| *n == norm)
+        .map(|(v, _)| *v)
+        .ok_or_else(|| {
+            let names: Vec<&str> = table.iter().map(|(_, n)| *n).collect();
+            format!("unknown {what} {s:?} (expected {})", names.join(", "))
+        })
+}
+
 impl fmt::Display for RouterMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let name = Self::ALL.iter().find(|(m, _)| m == self).map(|(_, n)| *n);
-        f.write_str(name.unwrap_or("?"))
+        f.write_str(choice_name(self, &Self::ALL))
     }
 }
 
 impl FromStr for RouterMode {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        // The reference's default is spelled `round_robin` in places.
-        let norm = s.trim().to_ascii_lowercase().replace('_', "-");
-        Self::ALL
-            .iter()
-            .find(|(_, n)| *n == norm)
-            .map(|(m, _)| *m)
-            .ok_or_else(|| {
-                format!("unknown router mode {s:?} (expected round-robin, random or kv)")
-            })
+        parse_choice(s, &Self::ALL, "router mode")
     }
 }
 

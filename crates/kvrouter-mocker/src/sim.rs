@@ -28,7 +28,7 @@ use kvrouter_core::KvRouterConfig;
 use kvrouter_core::hash::{LocalBlockHash, SequenceHash};
 use kvrouter_core::index::{ApproxIndex, RadixIndex};
 use kvrouter_core::protocols::{RouterEvent, WorkerKey};
-use kvrouter_core::selection::{Candidate, RouteRequest, select_kv};
+use kvrouter_core::selection::{Candidate, RouteRequest, choice_name, parse_choice, select_kv};
 use kvrouter_core::sequences::{NewRequest, SequenceTracker, tracking_hashes};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -66,24 +66,14 @@ impl SimMode {
 
 impl fmt::Display for SimMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let name = Self::ALL.iter().find(|(m, _)| m == self).map(|(_, n)| *n);
-        f.write_str(name.unwrap_or("?"))
+        f.write_str(choice_name(self, &Self::ALL))
     }
 }
 
 impl FromStr for SimMode {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let norm = s.trim().to_ascii_lowercase().replace('_', "-");
-        Self::ALL
-            .iter()
-            .find(|(_, n)| *n == norm)
-            .map(|(m, _)| *m)
-            .ok_or_else(|| {
-                format!(
-                    "unknown mode {s:?} (expected round-robin, random, kv, kv-approx or oracle)"
-                )
-            })
+        parse_choice(s, &Self::ALL, "mode")
     }
 }
 
@@ -232,8 +222,15 @@ pub fn run(
                             (*next - 1) % slots
                         }
                     }
-                    Router::Kv { index } => {
-                        let overlaps = index.find_matches(&r.local);
+                    Router::Kv { .. } | Router::Approx { .. } => {
+                        let overlaps = match &mut router {
+                            Router::Kv { index } => index.find_matches(&r.local),
+                            Router::Approx { index } => {
+                                index.expire(instant(now));
+                                index.find_matches(&r.local)
+                            }
+                            Router::Plain { .. } => unreachable!("matched above"),
+                        };
                         let k = route_kv(
                             cfg,
                             r,
@@ -243,21 +240,9 @@ pub fn run(
                             &mut rng,
                             instant(now),
                         );
-                        k.worker_id as usize * dp + k.dp_rank as usize
-                    }
-                    Router::Approx { index } => {
-                        index.expire(instant(now));
-                        let overlaps = index.find_matches(&r.local);
-                        let k = route_kv(
-                            cfg,
-                            r,
-                            &overlaps,
-                            &mut tracker,
-                            &ids[i],
-                            &mut rng,
-                            instant(now),
-                        );
-                        index.process_routing_decision(k, &r.local, &r.seq, instant(now));
+                        if let Router::Approx { index } = &mut router {
+                            index.process_routing_decision(k, &r.local, &r.seq, instant(now));
+                        }
                         k.worker_id as usize * dp + k.dp_rank as usize
                     }
                 };

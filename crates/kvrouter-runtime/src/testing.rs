@@ -6,6 +6,7 @@
 use std::net::TcpListener as StdListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A free loopback port (bound once and released; the OS does not hand it out again at once).
@@ -29,69 +30,106 @@ pub fn wait_for_port(port: u16, deadline: Duration) -> bool {
     false
 }
 
-/// A `nats-server -js` on a free port; killed on drop.
-pub struct NatsServer {
+/// A server process on a loopback port: started, restarted, killed on drop.
+struct Supervised {
     child: Option<Child>,
-    /// Client port.
-    pub port: u16,
-    dir: tempfile_dir::TempDir,
+    port: u16,
+    name: &'static str,
+    command: Box<dyn Fn() -> Command + Send>,
 }
 
-impl NatsServer {
-    /// Starts one (the binary must be on PATH: `make test` installs it).
-    pub fn start() -> std::io::Result<Self> {
-        let dir = tempfile_dir::TempDir::new("kvrouter-nats")?;
-        let mut server = Self {
+impl Supervised {
+    fn start(
+        name: &'static str,
+        port: u16,
+        command: Box<dyn Fn() -> Command + Send>,
+    ) -> std::io::Result<Self> {
+        let mut s = Self {
             child: None,
-            port: free_port(),
-            dir,
+            port,
+            name,
+            command,
         };
-        server.spawn()?;
-        Ok(server)
+        s.spawn()?;
+        Ok(s)
     }
 
     fn spawn(&mut self) -> std::io::Result<()> {
-        let child = Command::new("nats-server")
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(self.dir.path())
+        let child = (self.command)()
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| {
                 std::io::Error::new(
                     e.kind(),
-                    format!("starting nats-server (install it: `make deps`): {e}"),
+                    format!("starting {} (install it: `make deps`): {e}", self.name),
                 )
             })?;
         self.child = Some(child);
-        if !wait_for_port(self.port, Duration::from_secs(10)) {
+        if !wait_for_port(self.port, Duration::from_secs(15)) {
             self.stop();
-            return Err(std::io::Error::other(
-                "nats-server did not become ready within 10 s",
-            ));
+            return Err(std::io::Error::other(format!(
+                "{} did not become ready within 15 s",
+                self.name
+            )));
         }
         Ok(())
     }
 
-    /// Kills the server.
-    pub fn stop(&mut self) {
+    fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A `nats-server -js` on a free port; killed on drop.
+pub struct NatsServer {
+    proc: Supervised,
+    /// Client port.
+    pub port: u16,
+    _dir: Arc<tempfile_dir::TempDir>,
+}
+
+impl NatsServer {
+    /// Starts one (the binary must be on PATH: `make test` installs it).
+    pub fn start() -> std::io::Result<Self> {
+        let dir = Arc::new(tempfile_dir::TempDir::new("kvrouter-nats")?);
+        let port = free_port();
+        let d = dir.clone();
+        let proc = Supervised::start(
+            "nats-server",
+            port,
+            Box::new(move || {
+                let mut c = Command::new("nats-server");
+                c.args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+                    .arg(d.path());
+                c
+            }),
+        )?;
+        Ok(Self {
+            proc,
+            port,
+            _dir: dir,
+        })
+    }
+
+    /// Kills the server.
+    pub fn stop(&mut self) {
+        self.proc.stop();
+    }
 
     /// Starts it again on the same port and storage.
     pub fn restart(&mut self) -> std::io::Result<()> {
-        self.stop();
-        self.spawn()
+        self.proc.stop();
+        self.proc.spawn()
     }
 
     /// `nats://127.0.0.1:PORT`.
@@ -100,104 +138,74 @@ impl NatsServer {
     }
 }
 
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 /// A single-node `etcd` on free ports with fast elections; killed on drop.
 pub struct EtcdServer {
-    child: Option<Child>,
+    proc: Supervised,
     /// Client port.
     pub port: u16,
-    peer_port: u16,
-    dir: tempfile_dir::TempDir,
+    _dir: Arc<tempfile_dir::TempDir>,
 }
 
 impl EtcdServer {
     /// Starts one (the binary must be on PATH: `make test` installs it).
     pub fn start() -> std::io::Result<Self> {
-        let dir = tempfile_dir::TempDir::new("kvrouter-etcd")?;
-        let mut server = Self {
-            child: None,
-            port: free_port(),
-            peer_port: free_port(),
-            dir,
-        };
-        server.spawn()?;
-        Ok(server)
-    }
-
-    fn spawn(&mut self) -> std::io::Result<()> {
-        let client = format!("http://127.0.0.1:{}", self.port);
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new("etcd")
-            .args(["--name", "t", "--data-dir"])
-            .arg(self.dir.path())
-            .args([
-                "--listen-client-urls",
-                &client,
-                "--advertise-client-urls",
-                &client,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
-            .args(["--initial-cluster", &format!("t={peer}")])
-            .args([
-                "--heartbeat-interval",
-                "10",
-                "--election-timeout",
-                "100",
-                "--log-level",
-                "error",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| {
-                std::io::Error::new(
-                    e.kind(),
-                    format!("starting etcd (install it: `make deps`): {e}"),
-                )
-            })?;
-        self.child = Some(child);
-        if !wait_for_port(self.port, Duration::from_secs(15)) {
-            self.stop();
-            return Err(std::io::Error::other(
-                "etcd did not become ready within 15 s",
-            ));
-        }
-        Ok(())
+        let dir = Arc::new(tempfile_dir::TempDir::new("kvrouter-etcd")?);
+        let (port, peer_port) = (free_port(), free_port());
+        let d = dir.clone();
+        let proc = Supervised::start(
+            "etcd",
+            port,
+            Box::new(move || {
+                let client = format!("http://127.0.0.1:{port}");
+                let peer = format!("http://127.0.0.1:{peer_port}");
+                let mut c = Command::new("etcd");
+                c.args(["--name", "t", "--data-dir"])
+                    .arg(d.path())
+                    .args([
+                        "--listen-client-urls",
+                        &client,
+                        "--advertise-client-urls",
+                        &client,
+                    ])
+                    .args([
+                        "--listen-peer-urls",
+                        &peer,
+                        "--initial-advertise-peer-urls",
+                        &peer,
+                    ])
+                    .args(["--initial-cluster", &format!("t={peer}")])
+                    .args([
+                        "--heartbeat-interval",
+                        "10",
+                        "--election-timeout",
+                        "100",
+                        "--log-level",
+                        "error",
+                    ]);
+                c
+            }),
+        )?;
+        Ok(Self {
+            proc,
+            port,
+            _dir: dir,
+        })
     }
 
     /// Kills the server (its data stays, for [`Self::restart`]).
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.proc.stop();
     }
 
     /// Starts it again on the same ports and data.
     pub fn restart(&mut self) -> std::io::Result<()> {
-        self.stop();
-        self.spawn()
+        self.proc.stop();
+        self.proc.spawn()
     }
 
     /// `http://127.0.0.1:PORT`.
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for EtcdServer {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 

@@ -213,14 +213,7 @@ impl Discovery for EtcdDiscovery {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 match Self::snapshot(&mut client, &prefix).await {
                     Ok((now, rev)) => {
-                        for id in known.keys().filter(|id| !now.contains_key(id)) {
-                            let _ = tx.send(DiscoveryEvent::Removed(*id));
-                        }
-                        for (id, i) in &now {
-                            if known.get(id) != Some(i) {
-                                let _ = tx.send(DiscoveryEvent::Added(i.clone()));
-                            }
-                        }
+                        super::report_changes(&known, &now, &tx);
                         known = now;
                         revision = rev;
                     }

@@ -174,14 +174,7 @@ impl Discovery for FileDiscovery {
                         continue;
                     }
                 };
-                for id in known.keys().filter(|id| !now.contains_key(id)) {
-                    let _ = tx.send(DiscoveryEvent::Removed(*id));
-                }
-                for (id, i) in &now {
-                    if known.get(id) != Some(i) {
-                        let _ = tx.send(DiscoveryEvent::Added(i.clone()));
-                    }
-                }
+                super::report_changes(&known, &now, &tx);
                 known = now;
             }
         });

@@ -93,6 +93,22 @@ impl Watch {
     }
 }
 
+/// Reports the difference between two snapshots of an endpoint's instances.
+pub(crate) fn report_changes(
+    known: &std::collections::BTreeMap<InstanceId, Instance>,
+    now: &std::collections::BTreeMap<InstanceId, Instance>,
+    tx: &mpsc::UnboundedSender<DiscoveryEvent>,
+) {
+    for id in known.keys().filter(|id| !now.contains_key(id)) {
+        let _ = tx.send(DiscoveryEvent::Removed(*id));
+    }
+    for (id, i) in now {
+        if known.get(id) != Some(i) {
+            let _ = tx.send(DiscoveryEvent::Added(i.clone()));
+        }
+    }
+}
+
 /// Where instances register and are found.
 #[async_trait]
 pub trait Discovery: Send + Sync {
