@@ -61,6 +61,18 @@ impl Handler for Counter {
     }
 }
 
+/// Waits (polling, with a deadline) until the handler has seen its cancellation.
+async fn wait_cancelled(flag: &AtomicBool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !flag.load(Ordering::SeqCst) {
+        assert!(
+            Instant::now() < deadline,
+            "cancellation never reached the handler"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 async fn server() -> (String, Arc<AtomicBool>, CancellationToken) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = format!("tcp://{}", listener.local_addr().unwrap());
@@ -121,14 +133,7 @@ async fn dropping_the_stream_cancels_the_handler() {
         s.next().await.unwrap().unwrap();
     }
     drop(s);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !cancelled.load(Ordering::SeqCst) {
-        assert!(
-            Instant::now() < deadline,
-            "the handler never saw the cancellation"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    wait_cancelled(&cancelled).await;
 }
 
 #[tokio::test]
@@ -537,14 +542,7 @@ async fn nats_request_plane_streams_cancels_and_detects_absent_instances() {
         .unwrap();
     f.next().await.unwrap().unwrap();
     drop(f);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !cancelled.load(Ordering::SeqCst) {
-        assert!(
-            Instant::now() < deadline,
-            "cancellation never reached the handler"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    wait_cancelled(&cancelled).await;
     let nobody = NatsRequester::new(
         nats.client(),
         "ns.backend.generate.404".into(),
@@ -615,14 +613,7 @@ async fn http_request_plane_streams_cancels_and_fails_fast() {
         .unwrap();
     forever.next().await.unwrap().unwrap();
     drop(forever);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !cancelled.load(Ordering::SeqCst) {
-        assert!(
-            Instant::now() < deadline,
-            "cancellation never reached the handler"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    wait_cancelled(&cancelled).await;
     let port = kvrouter_runtime::testing::free_port();
     let dead = HttpRequester::new(&format!("http://127.0.0.1:{port}"), Duration::from_secs(1));
     let t0 = Instant::now();

@@ -123,7 +123,8 @@ impl Discovery for FileDiscovery {
         let token = cancel.clone();
         let heartbeat_path = path.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(ttl / 3);
+            // A zero period would panic; renew at least every 10 ms.
+            let mut tick = tokio::time::interval((ttl / 3).max(Duration::from_millis(10)));
             tick.tick().await;
             loop {
                 tokio::select! {
@@ -159,7 +160,7 @@ impl Discovery for FileDiscovery {
         for i in known.values() {
             let _ = tx.send(DiscoveryEvent::Added(i.clone()));
         }
-        let poll = self.poll;
+        let poll = self.poll.max(Duration::from_millis(1));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(poll);
             loop {
