@@ -184,16 +184,12 @@ impl ActiveSequences {
         hash: u64,
         decay: Option<f64>,
     ) -> Result<(), SequenceError> {
-        let r = self
-            .requests
-            .get_mut(id)
-            .ok_or_else(|| SequenceError::UnknownRequest(id.to_string()))?;
-        r.blocks.push(hash);
-        let c = self.unique_blocks.entry(hash).or_insert(0);
-        *c += 1;
-        if *c == 1 && self.record_changes {
-            self.changes.push((hash, true));
+        if !self.requests.contains_key(id) {
+            return Err(SequenceError::UnknownRequest(id.to_string()));
         }
+        self.reference(hash);
+        let r = self.requests.get_mut(id).expect("checked above");
+        r.blocks.push(hash);
         if let Some(d) = decay {
             let d = d.clamp(0.0, 1.0);
             for h in &r.blocks {

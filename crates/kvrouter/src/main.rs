@@ -44,7 +44,7 @@ fn run(parsed: Parsed) -> ExitCode {
         Command::Router(a) => a.runtime.dump_config_to.clone(),
         Command::GlobalRouter(a) => a.runtime.dump_config_to.clone(),
         Command::Mocker(a) => a.runtime.dump_config_to.clone(),
-        Command::Serve(a) => a.runtime.dump_config_to.clone(),
+        Command::Serve(a) => a.frontend.runtime.dump_config_to.clone(),
         Command::Sim(_) | Command::Bench(_) => None,
     };
     if let Some(path) = dump_to {

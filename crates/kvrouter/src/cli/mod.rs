@@ -154,7 +154,7 @@ pub struct MockerArgs {
     pub runtime: RuntimeArgs,
 }
 
-/// `kvrouter serve`.
+/// `kvrouter serve`: the frontend's flags, plus the mock workers'.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// Mock workers to start.
@@ -162,28 +162,10 @@ pub struct ServeArgs {
     pub workers: u32,
     #[command(flatten)]
     #[allow(missing_docs)]
-    pub http: HttpArgs,
-    #[command(flatten)]
-    #[allow(missing_docs)]
-    pub model: ModelArgs,
-    #[command(flatten)]
-    #[allow(missing_docs)]
-    pub routing: RoutingArgs,
-    #[command(flatten)]
-    #[allow(missing_docs)]
-    pub kv: KvArgs,
-    #[command(flatten)]
-    #[allow(missing_docs)]
-    pub queue: QueueArgs,
-    #[command(flatten)]
-    #[allow(missing_docs)]
-    pub busy: BusyArgs,
+    pub frontend: FrontendArgs,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub engine: EngineArgs,
-    #[command(flatten)]
-    #[allow(missing_docs)]
-    pub runtime: RuntimeArgs,
 }
 
 /// `kvrouter sim`.

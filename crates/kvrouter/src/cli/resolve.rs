@@ -192,30 +192,12 @@ impl Parsed {
         let (sub, kv, th, block_size, store_kv): (&'static str, _, _, _, _) = match &self.command {
             Command::Frontend(a) => {
                 let sub = "frontend";
-                runtime_problems(sub, &a.runtime, &mut p);
-                must_exist(sub, "model_path", a.model.model_path.as_deref(), &mut p);
-                if let Some(bs) = a.routing.kv_cache_block_size
-                    && bs < 2
-                {
-                    p.push(Problem {
-                        flags: vec![flag(sub, "kv_cache_block_size")],
-                        message: format!("must be at least 2, got {bs}"),
-                    });
-                }
-                for v in [
-                    json!(a.http),
-                    json!(a.model),
-                    json!(a.routing),
-                    json!(a.busy),
-                    json!(a.runtime),
-                ] {
-                    put(v);
-                }
-                let kv = kv_config(&a.kv, Some(&a.queue));
+                let (kv, th, groups) = frontend_settings(sub, a, &mut p);
+                groups.into_iter().for_each(&mut put);
                 (
                     sub,
                     Some(kv),
-                    Some(thresholds(&a.busy)),
+                    Some(th),
                     a.routing.kv_cache_block_size,
                     a.runtime.store_kv.or(Some(StoreKv::Etcd)),
                 )
@@ -313,10 +295,11 @@ impl Parsed {
             }
             Command::Serve(a) => {
                 let sub = "serve";
-                runtime_problems(sub, &a.runtime, &mut p);
+                let f = &a.frontend;
+                let (kv, th, groups) = frontend_settings(sub, f, &mut p);
+                groups.into_iter().for_each(&mut put);
                 engine_problems(sub, &a.engine, &mut p);
-                must_exist(sub, "model_path", a.model.model_path.as_deref(), &mut p);
-                if let Some(bs) = a.routing.kv_cache_block_size
+                if let Some(bs) = f.routing.kv_cache_block_size
                     && bs != a.engine.block_size
                 {
                     p.push(Problem {
@@ -333,7 +316,7 @@ impl Parsed {
                         message: "must be at least 1".into(),
                     });
                 }
-                if let Some(s) = a.runtime.store_kv
+                if let Some(s) = f.runtime.store_kv
                     && s != StoreKv::Mem
                 {
                     p.push(Problem {
@@ -341,27 +324,17 @@ impl Parsed {
                         message: "serve runs everything in one process: only `mem` applies".into(),
                     });
                 }
-                for v in [
-                    json!(a.http),
-                    json!(a.model),
-                    json!(a.routing),
-                    json!(a.busy),
-                    json!(a.engine),
-                    json!(a.runtime),
-                ] {
-                    put(v);
-                }
+                put(json!(a.engine));
                 put(
-                    json!({"workers": a.workers, "model_name": a.model.model_name.clone().unwrap_or_else(|| "mock-model".into())}),
+                    json!({"workers": a.workers, "model_name": f.model.model_name.clone().unwrap_or_else(|| "mock-model".into())}),
                 );
                 put(
                     json!({"enable_prefix_caching": a.engine.enable_prefix_caching(), "enable_chunked_prefill": a.engine.enable_chunked_prefill()}),
                 );
-                let kv = kv_config(&a.kv, Some(&a.queue));
                 (
                     sub,
                     Some(kv),
-                    Some(thresholds(&a.busy)),
+                    Some(th),
                     Some(a.engine.block_size),
                     Some(StoreKv::Mem),
                 )
@@ -467,6 +440,36 @@ impl Parsed {
             "sources": sources,
         })
     }
+}
+
+/// Checks and settings shared by `frontend` and `serve` (which runs a frontend).
+fn frontend_settings(
+    sub: &str,
+    a: &super::FrontendArgs,
+    p: &mut Vec<Problem>,
+) -> (KvRouterConfig, LoadThresholds, Vec<Value>) {
+    runtime_problems(sub, &a.runtime, p);
+    must_exist(sub, "model_path", a.model.model_path.as_deref(), p);
+    if let Some(bs) = a.routing.kv_cache_block_size
+        && bs < 2
+    {
+        p.push(Problem {
+            flags: vec![flag(sub, "kv_cache_block_size")],
+            message: format!("must be at least 2, got {bs}"),
+        });
+    }
+    let groups = vec![
+        json!(a.http),
+        json!(a.model),
+        json!(a.routing),
+        json!(a.busy),
+        json!(a.runtime),
+    ];
+    (
+        kv_config(&a.kv, Some(&a.queue)),
+        thresholds(&a.busy),
+        groups,
+    )
 }
 
 fn engine_problems(sub: &str, e: &super::args::EngineArgs, out: &mut Vec<Problem>) {
