@@ -21,6 +21,7 @@
 //! - [`sequences`]: active sequences per worker rank (prefill and decode load).
 //! - [`selection`]: the cost function, softmax sampling, tie-breaking, router modes.
 //! - [`busy`]: busy thresholds and overload detection.
+//! - [`llm`]: the tokenized request and engine output exchanged with workers.
 
 #![deny(missing_docs)]
 
@@ -29,6 +30,7 @@ pub mod config;
 mod fast_hash;
 pub mod hash;
 pub mod index;
+pub mod llm;
 pub mod protocols;
 pub mod selection;
 pub mod sequences;

@@ -40,6 +40,11 @@ impl RouterMode {
         (RouterMode::Random, "random"),
         (RouterMode::Kv, "kv"),
     ];
+
+    /// The flag spelling (`round-robin`).
+    pub fn as_str(self) -> &'static str {
+        choice_name(&self, &Self::ALL)
+    }
 }
 
 /// The name of `value` in a `(value, name)` table.

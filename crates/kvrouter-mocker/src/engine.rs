@@ -198,6 +198,24 @@ impl Engine {
         });
     }
 
+    /// Drops a request (the caller went away); `false` if it is not here.
+    ///
+    /// Its blocks are released to the prefix cache, as an engine's abort does.
+    pub fn abort(&mut self, id: u64) -> bool {
+        assert!(!self.planned, "abort between passes only");
+        if let Some(i) = self.waiting.iter().position(|s| s.req.id == id) {
+            let seq = self.waiting.remove(i).expect("position is in range");
+            self.release_all(seq);
+            return true;
+        }
+        if let Some(i) = self.running.iter().position(|s| s.req.id == id) {
+            let seq = self.running.remove(i);
+            self.release_all(seq);
+            return true;
+        }
+        false
+    }
+
     /// Whether any request is queued or running.
     pub fn has_work(&self) -> bool {
         !self.waiting.is_empty() || !self.running.is_empty()

@@ -13,6 +13,7 @@
 //! real router core (index, active sequences, selection) in virtual time, so a
 //! whole production hour replays in seconds, once per routing mode, and
 //! [`report`] turns the runs into percentiles, a table, JSON and an SVG.
+//! [`service`] runs engines live, in real time, as workers on the runtime.
 
 #![deny(missing_docs)]
 
@@ -20,5 +21,6 @@ pub mod blocks;
 pub mod engine;
 pub mod perf;
 pub mod report;
+pub mod service;
 pub mod sim;
 pub mod trace;

@@ -17,5 +17,6 @@
 pub mod discovery;
 pub mod endpoint;
 pub mod events;
+pub mod node;
 pub mod request;
 pub mod testing;

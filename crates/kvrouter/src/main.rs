@@ -2,6 +2,7 @@
 
 mod bench;
 mod cli;
+mod services;
 mod sim;
 
 use std::process::ExitCode;
@@ -68,6 +69,25 @@ fn run(parsed: Parsed) -> ExitCode {
                 .expect("sim resolves a router config");
             sim::run(&args, config)
         }
+        Command::Serve(args) => services::serve(
+            &args,
+            resolved
+                .kv_router_config
+                .clone()
+                .expect("serve resolves a router config"),
+            resolved.thresholds.expect("serve resolves thresholds"),
+        )
+        .map(|()| ExitCode::SUCCESS),
+        Command::Frontend(args) => services::frontend(
+            &args,
+            resolved
+                .kv_router_config
+                .clone()
+                .expect("frontend resolves a router config"),
+            resolved.thresholds.expect("frontend resolves thresholds"),
+        )
+        .map(|()| ExitCode::SUCCESS),
+        Command::Mocker(args) => services::mocker(&args).map(|()| ExitCode::SUCCESS),
         _ => {
             eprintln!(
                 "kvrouter {}: the configuration is valid, but this service is not built yet \

@@ -66,6 +66,11 @@ pub const STATUS_LABELS: [&str; 4] = [
     "invalid_block",
 ];
 
+/// The metric label of an event's outcome (`ok`, `parent_block_not_found`, …).
+pub fn status_label(result: Result<(), KvCacheEventError>) -> &'static str {
+    STATUS_LABELS[status_index(result)]
+}
+
 fn status_index(result: Result<(), KvCacheEventError>) -> usize {
     match result {
         Ok(()) => 0,

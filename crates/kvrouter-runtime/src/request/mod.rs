@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use frame::{Frame, FrameError, Kind, MAX_FRAME_DEFAULT};
 pub use http::{HttpRequester, HttpResponseStream, http_router};
-pub use nats::{NatsRequester, NatsResponseStream, serve_nats};
+pub use nats::{NatsRequester, NatsResponseStream, serve_nats, serve_nats_then};
 
 /// Serves requests: returns the response stream for one request.
 pub trait Handler: Send + Sync + 'static {

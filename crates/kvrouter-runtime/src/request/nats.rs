@@ -34,9 +34,21 @@ pub async fn serve_nats(
     handler: Arc<dyn Handler>,
     shutdown: CancellationToken,
 ) -> Result<(), async_nats::SubscribeError> {
+    serve_nats_then(client, subject, handler, shutdown, || {}).await
+}
+
+/// [`serve_nats`], calling `ready` once the subscription reached the server.
+pub async fn serve_nats_then(
+    client: async_nats::Client,
+    subject: String,
+    handler: Arc<dyn Handler>,
+    shutdown: CancellationToken,
+    ready: impl FnOnce(),
+) -> Result<(), async_nats::SubscribeError> {
     let mut requests = client.subscribe(subject).await?;
     // The SUB must reach the server before callers can be answered.
     let _ = client.flush().await;
+    ready();
     loop {
         let msg = tokio::select! {
             _ = shutdown.cancelled() => break,

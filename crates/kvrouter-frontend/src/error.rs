@@ -1,0 +1,139 @@
+//! The HTTP edge's one error type, rendered as OpenAI error JSON
+//! (`{"error":{"message","type","param","code"}}`) with the right status.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use kvrouter_router::{GenerateError, RouteError};
+use serde_json::json;
+
+/// An error answered to an HTTP client.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Human-readable message.
+    pub message: String,
+    /// OpenAI error type.
+    pub kind: &'static str,
+    /// The offending parameter, if one.
+    pub param: Option<String>,
+    /// Machine-readable code.
+    pub code: &'static str,
+}
+
+impl ApiError {
+    /// 400: the request is malformed or invalid.
+    pub fn invalid(message: impl Into<String>, param: Option<&str>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: param.map(str::to_string),
+            code: "invalid_request",
+        }
+    }
+
+    /// 404: no such model.
+    pub fn unknown_model(model: &str) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            message: format!("The model `{model}` does not exist."),
+            kind: "invalid_request_error",
+            param: Some("model".into()),
+            code: "model_not_found",
+        }
+    }
+
+    /// 400: prompt (plus output) longer than the context.
+    pub fn context_exceeded(context: u32, prompt: usize, max_tokens: Option<u32>) -> Self {
+        let message = match max_tokens {
+            Some(m) => format!(
+                "This model's maximum context length is {context} tokens. However, you requested \
+                 {} tokens ({prompt} in the messages, {m} in the completion).",
+                prompt + m as usize
+            ),
+            None => format!(
+                "This model's maximum context length is {context} tokens. However, your prompt \
+                 has {prompt} tokens."
+            ),
+        };
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message,
+            kind: "invalid_request_error",
+            param: Some("messages".into()),
+            code: "context_length_exceeded",
+        }
+    }
+
+    /// 500: something failed inside.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: message.into(),
+            kind: "internal_error",
+            param: None,
+            code: "internal_error",
+        }
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> serde_json::Value {
+        json!({"error": {
+            "message": self.message, "type": self.kind, "param": self.param, "code": self.code,
+        }})
+    }
+}
+
+impl From<RouteError> for ApiError {
+    fn from(e: RouteError) -> Self {
+        let (status, kind, code) = match &e {
+            RouteError::NoWorkers => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                "no_workers",
+            ),
+            RouteError::AllWorkersBusy(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                "all_workers_busy",
+            ),
+            RouteError::Invalid(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_request",
+            ),
+        };
+        Self {
+            status,
+            message: e.to_string(),
+            kind,
+            param: None,
+            code,
+        }
+    }
+}
+
+impl From<GenerateError> for ApiError {
+    fn from(e: GenerateError) -> Self {
+        match e {
+            GenerateError::Route(r) => r.into(),
+            GenerateError::Upstream { source, .. } if matches!(source, kvrouter_runtime::request::RequestError::Remote(ref m) if m.starts_with("invalid request")) => {
+                ApiError::invalid(source.to_string(), None)
+            }
+            other => Self {
+                status: StatusCode::BAD_GATEWAY,
+                message: other.to_string(),
+                kind: "upstream_error",
+                param: None,
+                code: "worker_failed",
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(self.body())).into_response()
+    }
+}

@@ -1,0 +1,23 @@
+//! kvrouter's OpenAI-compatible frontend.
+//!
+//! - [`app`]: the axum application (chat and text completions, streaming and
+//!   not, models, health, metrics, busy thresholds, router state).
+//! - [`openai`]: request bodies and their validation; [`error`]: OpenAI error
+//!   JSON with the right status.
+//! - [`tokenizer`]: Hugging Face tokenizer, Jinja chat template, streaming
+//!   detokenizer; [`stop`]: stop strings over streamed text.
+//! - [`metrics`]: `dynamo_frontend_*` metrics.
+//! - [`serve`]: a frontend over any runtime, and the embedded all-in-one
+//!   deployment (`kvrouter serve`).
+
+pub mod app;
+pub mod error;
+pub mod metrics;
+pub mod openai;
+pub mod serve;
+pub mod stop;
+pub mod tokenizer;
+
+pub use app::{Endpoints, Frontend, app};
+pub use serve::{Embedded, EmbeddedConfig, FrontendHandle, RoutingConfig, start_frontend};
+pub use tokenizer::Preprocessor;

@@ -1,0 +1,214 @@
+//! Compositions: a frontend over a worker endpoint (any runtime), and the
+//! embedded all-in-one `serve` — frontend, KV router and N mock workers in one
+//! process over in-memory discovery and events, requests on loopback TCP.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvrouter_core::busy::LoadThresholds;
+use kvrouter_core::{KvRouterConfig, RouterMode};
+use kvrouter_mocker::engine::EngineConfig;
+use kvrouter_mocker::service::{self, MockWorker, WorkerConfig};
+use kvrouter_router::{KvRouter, RouterMetrics, WorkerPool};
+use kvrouter_runtime::discovery::MemDiscovery;
+use kvrouter_runtime::endpoint::{EndpointId, InstanceId};
+use kvrouter_runtime::events::InProcEvents;
+use kvrouter_runtime::node::{Node, Plane, new_instance_id};
+use prometheus::Registry;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{Endpoints, Frontend, app, run};
+use crate::tokenizer::Preprocessor;
+
+/// How the frontend routes.
+#[derive(Debug, Clone)]
+pub struct RoutingConfig {
+    /// Policy.
+    pub mode: RouterMode,
+    /// KV router knobs.
+    pub kv: KvRouterConfig,
+    /// Busy thresholds.
+    pub thresholds: LoadThresholds,
+    /// KV block size in tokens (must equal the workers').
+    pub block_size: u32,
+}
+
+/// A running frontend.
+pub struct FrontendHandle {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its state.
+    pub frontend: Arc<Frontend>,
+    cancel: CancellationToken,
+    server: JoinHandle<std::io::Result<()>>,
+}
+
+impl FrontendHandle {
+    /// Stops serving (in-flight requests are given the graceful shutdown).
+    pub async fn shutdown(self) -> std::io::Result<()> {
+        self.cancel.cancel();
+        self.server.await.unwrap_or(Ok(()))
+    }
+
+    /// Resolves when the server stops by itself (an I/O failure).
+    pub async fn wait(&mut self) -> std::io::Result<()> {
+        (&mut self.server).await.unwrap_or(Ok(()))
+    }
+}
+
+/// Starts a frontend for `model` over the workers of `endpoint`.
+pub async fn start_frontend(
+    node: Node,
+    endpoint: EndpointId,
+    model: String,
+    pre: Arc<Preprocessor>,
+    routing: RoutingConfig,
+    endpoints: Endpoints,
+    listener: TcpListener,
+) -> Result<FrontendHandle, String> {
+    let registry = Registry::new();
+    let metrics = RouterMetrics::new(&registry).map_err(|e| e.to_string())?;
+    let router = KvRouter::new(
+        routing.mode,
+        routing.kv,
+        routing.block_size,
+        routing.thresholds,
+        metrics,
+    );
+    let cancel = CancellationToken::new();
+    let pool = WorkerPool::start(node, endpoint, router, cancel.child_token()).await?;
+    let frontend = Frontend::new(model, pre, pool, registry).map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let token = cancel.clone();
+    let server = tokio::spawn(run(
+        listener,
+        app(frontend.clone(), endpoints),
+        token.cancelled_owned(),
+    ));
+    Ok(FrontendHandle {
+        addr,
+        frontend,
+        cancel,
+        server,
+    })
+}
+
+/// Everything `kvrouter serve` runs.
+#[derive(Debug, Clone)]
+pub struct EmbeddedConfig {
+    /// Model name served.
+    pub model_name: String,
+    /// Mock workers to start.
+    pub workers: u32,
+    /// Their engine.
+    pub engine: EngineConfig,
+    /// Data-parallel ranks per worker.
+    pub data_parallel_size: u32,
+    /// Routing.
+    pub routing: RoutingConfig,
+    /// Endpoints served.
+    pub endpoints: Endpoints,
+    /// Namespace of the workers' endpoint.
+    pub namespace: String,
+    /// Chance a mock token ends its request.
+    pub eos_probability: f64,
+}
+
+/// The embedded deployment.
+pub struct Embedded {
+    /// The frontend.
+    pub frontend: FrontendHandle,
+    node: Node,
+    endpoint: EndpointId,
+    worker_config: WorkerConfig,
+    workers: Vec<MockWorker>,
+}
+
+impl Embedded {
+    /// Starts frontend, router and workers; returns once every worker is routable.
+    pub async fn start(
+        cfg: EmbeddedConfig,
+        pre: Arc<Preprocessor>,
+        listener: TcpListener,
+    ) -> Result<Self, String> {
+        let node = Node::new(
+            Arc::new(MemDiscovery::new()),
+            Arc::new(InProcEvents::new()),
+            Plane::Tcp,
+            None,
+            "127.0.0.1",
+        );
+        let endpoint = EndpointId {
+            namespace: cfg.namespace.clone(),
+            component: "backend".into(),
+            endpoint: "generate".into(),
+        };
+        let frontend = start_frontend(
+            node.clone(),
+            endpoint.clone(),
+            cfg.model_name.clone(),
+            pre.clone(),
+            cfg.routing.clone(),
+            cfg.endpoints,
+            listener,
+        )
+        .await?;
+        let worker_config = WorkerConfig {
+            engine: cfg.engine,
+            data_parallel_size: cfg.data_parallel_size,
+            model_name: cfg.model_name.clone(),
+            vocab: pre.ordinary_tokens(),
+            eos_probability: cfg.eos_probability,
+            context_length: pre.context_length(),
+        };
+        let mut me = Self {
+            frontend,
+            node,
+            endpoint,
+            worker_config,
+            workers: Vec::new(),
+        };
+        for _ in 0..cfg.workers {
+            me.add_worker().await?;
+        }
+        let pool = me.frontend.frontend.pool().clone();
+        if !pool
+            .wait_for_workers(cfg.workers as usize, Duration::from_secs(10))
+            .await
+        {
+            return Err("the mock workers did not register within 10 s".into());
+        }
+        Ok(me)
+    }
+
+    /// Starts one more mock worker; returns its id.
+    pub async fn add_worker(&mut self) -> Result<InstanceId, String> {
+        let id = new_instance_id();
+        let w = service::start(&self.node, &self.endpoint, id, self.worker_config.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        self.workers.push(w);
+        Ok(id)
+    }
+
+    /// Stops a mock worker (it deregisters); `false` if unknown.
+    pub fn remove_worker(&mut self, id: InstanceId) -> bool {
+        let before = self.workers.len();
+        self.workers.retain(|w| w.id() != id);
+        before != self.workers.len()
+    }
+
+    /// Ids of the running mock workers.
+    pub fn worker_ids(&self) -> Vec<InstanceId> {
+        self.workers.iter().map(|w| w.id()).collect()
+    }
+
+    /// Stops everything.
+    pub async fn shutdown(self) -> std::io::Result<()> {
+        drop(self.workers);
+        self.frontend.shutdown().await
+    }
+}

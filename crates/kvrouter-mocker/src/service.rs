@@ -1,0 +1,388 @@
+//! The mocker as a live worker: engine ranks driven in real time (scaled by
+//! `--speedup-ratio`), serving tokenized requests over the request plane and
+//! publishing real KV events and load on the event plane.
+//!
+//! Each data-parallel rank is one task that owns an [`Engine`]: it takes new
+//! requests and aborts between passes, plans a pass, sleeps for the pass's
+//! simulated duration (on a running clock, so sub-millisecond passes at high
+//! speed-ups keep their average rate), applies it, streams one token to each
+//! request that sampled one, then publishes the pass's KV events as
+//! `RouterEvent` JSON and the rank's `ActiveLoad`.
+//!
+//! Generated tokens are pseudo-random ids in the tokenizer's ordinary range,
+//! seeded by the request's `seed` (or its id), so a seeded request always gets
+//! the same text. Unless `ignore_eos` is set, each token after `min_tokens`
+//! ends the request with probability `eos_probability` (finish reason `eos`);
+//! otherwise `max_tokens` (default [`DEFAULT_MAX_TOKENS`]) ends it (`length`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use kvrouter_core::hash::{block_hashes, sequence_hashes};
+use kvrouter_core::llm::{
+    CompletionUsage, FinishReason, LlmEngineOutput, PreprocessedRequest, PromptTokensDetails,
+};
+use kvrouter_core::protocols::RouterEvent;
+use kvrouter_runtime::endpoint::{EndpointId, InstanceId, WorkerMetadata};
+use kvrouter_runtime::events::EventPlane;
+use kvrouter_runtime::node::{Node, ServeError, Served};
+use kvrouter_runtime::request::Handler;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::blocks::FullBlock;
+use crate::engine::{Engine, EngineConfig, EngineRequest, TokenOutput};
+
+/// Tokens generated when a request sets no `max_tokens`.
+pub const DEFAULT_MAX_TOKENS: u32 = 256;
+
+/// A live mock worker's settings.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// The engine of each rank.
+    pub engine: EngineConfig,
+    /// Data-parallel ranks.
+    pub data_parallel_size: u32,
+    /// Model name registered.
+    pub model_name: String,
+    /// Token ids generated are drawn from this range.
+    pub vocab: std::ops::Range<u32>,
+    /// Chance that a token ends the request (after `min_tokens`).
+    pub eos_probability: f64,
+    /// Context window in tokens: prompt plus output never exceed it.
+    pub context_length: u32,
+}
+
+/// A running mock worker; dropping it deregisters and stops its engines.
+pub struct MockWorker {
+    served: Option<Served>,
+    cancel: CancellationToken,
+}
+
+impl MockWorker {
+    /// The instance id.
+    pub fn id(&self) -> InstanceId {
+        self.served.as_ref().map_or(0, |s| s.instance.id)
+    }
+
+    /// Stops like a crashed process: serving ends, the lease is left to expire.
+    pub fn crash(mut self) {
+        self.cancel.cancel();
+        if let Some(s) = self.served.take() {
+            s.abandon();
+        }
+    }
+}
+
+impl Drop for MockWorker {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+enum Command {
+    Add(EngineRequest, mpsc::UnboundedSender<TokenOutput>),
+    Abort(u64),
+}
+
+struct Ranks {
+    tx: Vec<mpsc::UnboundedSender<Command>>,
+    cfg: WorkerConfig,
+    next_id: AtomicU64,
+}
+
+/// Starts a worker serving `endpoint` as instance `id`.
+pub async fn start(
+    node: &Node,
+    endpoint: &EndpointId,
+    id: InstanceId,
+    cfg: WorkerConfig,
+) -> Result<MockWorker, ServeError> {
+    let cancel = CancellationToken::new();
+    let ranks = cfg.data_parallel_size.max(1);
+    let events_subject = endpoint.subject("kv-events");
+    let load_subject = format!("namespace.{}.kv_metrics", endpoint.namespace);
+    let mut tx = Vec::new();
+    for r in 0..ranks {
+        let (t, rx) = mpsc::unbounded_channel();
+        tx.push(t);
+        let engine = Engine::new(cfg.engine, id, r);
+        tokio::spawn(rank_loop(
+            engine,
+            id,
+            rx,
+            node.events.clone(),
+            events_subject.clone(),
+            load_subject.clone(),
+            cancel.clone(),
+        ));
+    }
+    let handler = Arc::new(Ranks {
+        tx,
+        cfg: cfg.clone(),
+        next_id: AtomicU64::new(1),
+    });
+    let meta = WorkerMetadata {
+        model_name: cfg.model_name.clone(),
+        block_size: cfg.engine.block_size as u32,
+        total_kv_blocks: cfg.engine.num_gpu_blocks as u64,
+        max_num_seqs: cfg.engine.max_num_seqs as u64,
+        max_num_batched_tokens: cfg.engine.max_num_batched_tokens as u64,
+        data_parallel_size: ranks,
+    };
+    let served = node
+        .serve(
+            endpoint,
+            id,
+            handler,
+            serde_json::to_value(meta).expect("metadata serializes"),
+        )
+        .await?;
+    Ok(MockWorker {
+        served: Some(served),
+        cancel,
+    })
+}
+
+async fn rank_loop(
+    mut engine: Engine,
+    worker_id: InstanceId,
+    mut rx: mpsc::UnboundedReceiver<Command>,
+    events: Arc<dyn EventPlane>,
+    events_subject: String,
+    load_subject: String,
+    cancel: CancellationToken,
+) {
+    let mut outputs: HashMap<u64, mpsc::UnboundedSender<TokenOutput>> = HashMap::new();
+    // Simulated time runs ahead of the wall clock by less than one pass.
+    let mut clock = Instant::now();
+    let mut last_load = None;
+    loop {
+        if !engine.has_work() {
+            let cmd = tokio::select! {
+                _ = cancel.cancelled() => return,
+                c = rx.recv() => match c { Some(c) => c, None => return },
+            };
+            apply(&mut engine, &mut outputs, cmd);
+            clock = Instant::now();
+        }
+        while let Ok(cmd) = rx.try_recv() {
+            apply(&mut engine, &mut outputs, cmd);
+        }
+        let Some(step_ms) = engine.plan_step() else {
+            // Work is queued but cannot be scheduled (blocks exhausted): wait for a change.
+            let cmd = tokio::select! {
+                _ = cancel.cancelled() => return,
+                c = rx.recv() => match c { Some(c) => c, None => return },
+            };
+            apply(&mut engine, &mut outputs, cmd);
+            continue;
+        };
+        clock = clock.max(Instant::now() - Duration::from_millis(5));
+        clock += Duration::from_secs_f64(step_ms / 1e3);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep_until(clock) => {}
+        }
+        let step = engine.finish_step();
+        for t in step.tokens {
+            // A send fails only when the caller is gone; its abort is on its way.
+            if let Some(tx) = outputs.get(&t.request) {
+                let _ = tx.send(t);
+            }
+            if t.finished {
+                outputs.remove(&t.request);
+            }
+        }
+        for ev in step.events {
+            let msg = RouterEvent::new(worker_id, ev);
+            let bytes = serde_json::to_vec(&msg).expect("events serialize");
+            if let Err(e) = events.publish(&events_subject, Bytes::from(bytes)).await {
+                tracing::warn!(error = %e, "KV event not published");
+            }
+        }
+        let load = engine.active_load();
+        if last_load != Some(load) {
+            last_load = Some(load);
+            let bytes = serde_json::to_vec(&load).expect("load serializes");
+            let _ = events.publish(&load_subject, Bytes::from(bytes)).await;
+        }
+    }
+}
+
+fn apply(
+    engine: &mut Engine,
+    outputs: &mut HashMap<u64, mpsc::UnboundedSender<TokenOutput>>,
+    cmd: Command,
+) {
+    match cmd {
+        Command::Add(req, tx) => {
+            outputs.insert(req.id, tx);
+            engine.add_request(req);
+        }
+        Command::Abort(id) => {
+            outputs.remove(&id);
+            engine.abort(id);
+        }
+    }
+}
+
+/// Aborts the engine request when the response stream is dropped early.
+struct AbortOnDrop {
+    tx: mpsc::UnboundedSender<Command>,
+    id: u64,
+    finished: bool,
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = self.tx.send(Command::Abort(self.id));
+        }
+    }
+}
+
+struct Generation {
+    rx: mpsc::UnboundedReceiver<TokenOutput>,
+    guard: AbortOnDrop,
+    rng: StdRng,
+    vocab: std::ops::Range<u32>,
+    eos_probability: f64,
+    min_tokens: u32,
+    ignore_eos: bool,
+    eos_token: Option<u32>,
+    prompt_tokens: u32,
+    max_tokens: u32,
+    cancel: CancellationToken,
+}
+
+impl Handler for Ranks {
+    fn handle(
+        &self,
+        request: Bytes,
+        cancel: CancellationToken,
+    ) -> BoxStream<'static, Result<Bytes, String>> {
+        let req: PreprocessedRequest = match serde_json::from_slice(&request) {
+            Ok(r) => r,
+            Err(e) => {
+                let msg = format!("invalid request: {e}");
+                return futures::stream::once(async move { Err(msg) }).boxed();
+            }
+        };
+        let prompt = req.token_ids.len() as u32;
+        if prompt == 0 {
+            return futures::stream::once(async { Err("invalid request: empty prompt".into()) })
+                .boxed();
+        }
+        if prompt >= self.cfg.context_length {
+            let msg = format!(
+                "invalid request: the prompt has {prompt} tokens; the context is {}",
+                self.cfg.context_length
+            );
+            return futures::stream::once(async move { Err(msg) }).boxed();
+        }
+        let rank = req.dp_rank().unwrap_or(0) as usize % self.tx.len();
+        let bs = self.cfg.engine.block_size;
+        let local = block_hashes(&req.token_ids, bs);
+        let seq = sequence_hashes(&local);
+        let prompt_blocks = local
+            .iter()
+            .zip(&seq)
+            .map(|(l, s)| FullBlock {
+                seq: s.0,
+                local: l.0,
+            })
+            .collect();
+        let room = self.cfg.context_length - prompt;
+        let max_tokens = req
+            .stop_conditions
+            .max_tokens
+            .unwrap_or(DEFAULT_MAX_TOKENS)
+            .clamp(1, room.max(1));
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let engine_req = EngineRequest {
+            id,
+            prompt_tokens: req.token_ids.len(),
+            prompt_blocks,
+            max_tokens: max_tokens as usize,
+        };
+        if self.tx[rank].send(Command::Add(engine_req, tx)).is_err() {
+            return futures::stream::once(async { Err("worker is shutting down".into()) }).boxed();
+        }
+        let seed = req.sampling_options.seed.unwrap_or(id ^ 0x9e37_79b9);
+        let generation = Generation {
+            rx,
+            guard: AbortOnDrop {
+                tx: self.tx[rank].clone(),
+                id,
+                finished: false,
+            },
+            rng: StdRng::seed_from_u64(seed),
+            vocab: self.cfg.vocab.clone(),
+            eos_probability: self.cfg.eos_probability,
+            min_tokens: req.stop_conditions.min_tokens.unwrap_or(0),
+            ignore_eos: req.stop_conditions.ignore_eos.unwrap_or(false),
+            eos_token: req.eos_token_ids.first().copied(),
+            prompt_tokens: prompt,
+            max_tokens,
+            cancel,
+        };
+        futures::stream::unfold(Some(generation), |state| async move {
+            let mut g = state?;
+            let t = tokio::select! {
+                _ = g.cancel.cancelled() => return None,
+                t = g.rx.recv() => t,
+            };
+            let Some(t) = t else {
+                return Some((Err("the engine dropped the request".to_string()), None));
+            };
+            let generated = t.generated as u32;
+            let eos = !g.ignore_eos
+                && generated > g.min_tokens
+                && g.rng.random::<f64>() < g.eos_probability;
+            let finish = if eos {
+                Some(FinishReason::Eos)
+            } else if t.finished || generated >= g.max_tokens {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            let token = match (eos, g.eos_token) {
+                (true, Some(e)) => e,
+                _ => g.rng.random_range(g.vocab.clone()),
+            };
+            let mut out = LlmEngineOutput {
+                token_ids: vec![token],
+                finish_reason: finish,
+                ..Default::default()
+            };
+            if finish.is_some() {
+                out.completion_usage = Some(CompletionUsage {
+                    prompt_tokens: g.prompt_tokens,
+                    completion_tokens: generated,
+                    total_tokens: g.prompt_tokens + generated,
+                    prompt_tokens_details: Some(PromptTokensDetails {
+                        cached_tokens: t.cached_tokens as u32,
+                    }),
+                });
+                // An EOS before max_tokens must stop the engine; a finished one already stopped.
+                g.guard.finished = t.finished;
+                drop(g);
+                let bytes = serde_json::to_vec(&out).expect("outputs serialize");
+                return Some((Ok(Bytes::from(bytes)), None));
+            }
+            let bytes = serde_json::to_vec(&out).expect("outputs serialize");
+            Some((Ok(Bytes::from(bytes)), Some(g)))
+        })
+        .boxed()
+    }
+}

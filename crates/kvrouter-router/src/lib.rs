@@ -1,0 +1,16 @@
+//! kvrouter's routing services, over the runtime's planes.
+//!
+//! - [`router`]: the KV router — index, active sequences, busy detection and
+//!   selection behind one handle, with an RAII guard per routed request.
+//! - [`workers`]: a pool of engine workers followed through discovery and the
+//!   event plane, and the routed call that streams a worker's outputs back.
+//! - [`metrics`]: the router's Prometheus metrics under the reference names.
+
+pub mod metrics;
+pub mod router;
+pub mod workers;
+
+pub use kvrouter_core::llm::{LlmEngineOutput, PreprocessedRequest};
+pub use metrics::RouterMetrics;
+pub use router::{ActiveRequest, KvRouter, RouteError, RouteQuery, Routing};
+pub use workers::{GenerateError, GenerateStream, WorkerPool};

@@ -1,0 +1,354 @@
+//! A pool of engine workers seen through the runtime: discovery keeps the
+//! router's worker set current, the event plane feeds it KV events and load,
+//! and [`WorkerPool::generate`] routes a request, sends it over the request
+//! plane and streams the worker's outputs back while keeping the router's
+//! model of that request up to date.
+//!
+//! Subjects (component-scoped, reference §4): KV events as `RouterEvent` JSON
+//! on `namespace.{ns}.component.{component}.kv-events`; `ActiveLoad` JSON on
+//! `namespace.{ns}.kv_metrics`. Undecodable messages are counted
+//! (`dynamo_kvrouter_kv_cache_events_rejected`), logged and skipped.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use kvrouter_core::protocols::{ActiveLoad, decode_router_event};
+use kvrouter_runtime::discovery::DiscoveryEvent;
+use kvrouter_runtime::endpoint::{EndpointId, Instance, InstanceId, WorkerMetadata};
+use kvrouter_runtime::node::{Node, Responses};
+use kvrouter_runtime::request::RequestError;
+use parking_lot::RwLock;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::router::{ActiveRequest, KvRouter, RouteError, RouteQuery};
+use kvrouter_core::llm::{LlmEngineOutput, PreprocessedRequest};
+
+/// Subject of an endpoint's KV events.
+pub fn kv_events_subject(endpoint: &EndpointId) -> String {
+    endpoint.subject("kv-events")
+}
+
+/// Subject of a namespace's load reports.
+pub fn kv_metrics_subject(namespace: &str) -> String {
+    format!("namespace.{namespace}.kv_metrics")
+}
+
+/// Why a routed call failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum GenerateError {
+    /// Routing refused it.
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    /// The worker failed or could not be reached.
+    #[error("worker {worker_id}: {source}")]
+    Upstream {
+        /// The worker.
+        worker_id: InstanceId,
+        /// What went wrong.
+        #[source]
+        source: RequestError,
+    },
+    /// The worker answered something that is not an engine output.
+    #[error("worker {worker_id} sent an invalid response: {message}")]
+    Protocol {
+        /// The worker.
+        worker_id: InstanceId,
+        /// The decode error.
+        message: String,
+    },
+}
+
+/// Workers of one endpoint, and the router that picks among them.
+pub struct WorkerPool {
+    node: Node,
+    endpoint: EndpointId,
+    router: Arc<KvRouter>,
+    instances: RwLock<BTreeMap<InstanceId, Instance>>,
+    count: watch::Sender<usize>,
+    cancel: CancellationToken,
+}
+
+impl WorkerPool {
+    /// Subscribes to the endpoint's events and load, then follows its instances.
+    pub async fn start(
+        node: Node,
+        endpoint: EndpointId,
+        router: Arc<KvRouter>,
+        cancel: CancellationToken,
+    ) -> Result<Arc<Self>, String> {
+        // Subscribe before watching so no event of a new worker is missed.
+        let mut events = if router.config().use_kv_events {
+            Some(
+                node.events
+                    .subscribe(&kv_events_subject(&endpoint))
+                    .await
+                    .map_err(|e| e.to_string())?,
+            )
+        } else {
+            None
+        };
+        let mut loads = node
+            .events
+            .subscribe(&kv_metrics_subject(&endpoint.namespace))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut watch = node
+            .discovery
+            .watch(&endpoint)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (count, _) = watch::channel(0);
+        let pool = Arc::new(Self {
+            node,
+            endpoint,
+            router,
+            instances: RwLock::new(BTreeMap::new()),
+            count,
+            cancel: cancel.clone(),
+        });
+        if let Some(mut events) = events.take() {
+            let p = pool.clone();
+            let c = cancel.clone();
+            tokio::spawn(async move {
+                loop {
+                    let msg = tokio::select! {
+                        _ = c.cancelled() => break,
+                        m = events.next() => match m { Some(m) => m, None => break },
+                    };
+                    match decode_router_event(&msg) {
+                        Ok(ev) => p.router.apply_event(&ev),
+                        Err(e) => {
+                            p.router
+                                .metrics()
+                                .events_rejected
+                                .with_label_values(&["decode"])
+                                .inc();
+                            tracing::warn!(error = %e, bytes = msg.len(), "undecodable KV event skipped");
+                        }
+                    }
+                }
+            });
+        }
+        let p = pool.clone();
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    _ = c.cancelled() => break,
+                    m = loads.next() => match m { Some(m) => m, None => break },
+                };
+                match serde_json::from_slice::<ActiveLoad>(&msg) {
+                    Ok(load) => p.router.observe_load(&load),
+                    Err(e) => {
+                        p.router
+                            .metrics()
+                            .events_rejected
+                            .with_label_values(&["load"])
+                            .inc();
+                        tracing::warn!(error = %e, "undecodable load report skipped");
+                    }
+                }
+            }
+        });
+        let p = pool.clone();
+        tokio::spawn(async move {
+            loop {
+                let ev = tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    e = watch.next() => match e { Some(e) => e, None => break },
+                };
+                p.on_discovery(ev);
+            }
+        });
+        Ok(pool)
+    }
+
+    fn on_discovery(&self, ev: DiscoveryEvent) {
+        match ev {
+            DiscoveryEvent::Added(instance) => {
+                match serde_json::from_value::<WorkerMetadata>(instance.metadata.clone()) {
+                    Ok(meta) => {
+                        if meta.block_size as usize != self.router.block_size() {
+                            tracing::warn!(
+                                worker = instance.id,
+                                worker_block_size = meta.block_size,
+                                router_block_size = self.router.block_size(),
+                                "worker's KV block size differs from the router's: overlaps will be wrong"
+                            );
+                        }
+                        self.router.add_worker(instance.id, &meta);
+                        tracing::info!(worker = instance.id, address = %instance.address, "worker added");
+                        self.instances.write().insert(instance.id, instance);
+                    }
+                    Err(e) => tracing::warn!(
+                        worker = instance.id,
+                        error = %e,
+                        "instance without valid worker metadata ignored"
+                    ),
+                }
+            }
+            DiscoveryEvent::Removed(id) => {
+                if let Some(i) = self.instances.write().remove(&id) {
+                    self.node.forget(&i.address);
+                }
+                self.router.remove_worker(id);
+                tracing::info!(worker = id, "worker removed");
+            }
+        }
+        let n = self.instances.read().len();
+        self.count.send_replace(n);
+    }
+
+    /// The router.
+    pub fn router(&self) -> &Arc<KvRouter> {
+        &self.router
+    }
+
+    /// The endpoint served by the pool's workers.
+    pub fn endpoint(&self) -> &EndpointId {
+        &self.endpoint
+    }
+
+    /// The live instances.
+    pub fn instances(&self) -> Vec<Instance> {
+        self.instances.read().values().cloned().collect()
+    }
+
+    /// Waits until at least `n` workers are known, or `timeout` passes.
+    pub async fn wait_for_workers(&self, n: usize, timeout: Duration) -> bool {
+        let mut rx = self.count.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|c| *c >= n))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Routes `req` (tracked as `request_id`), sends it, and streams the outputs.
+    ///
+    /// A worker that cannot be reached before anything was sent is skipped and
+    /// the request routed again (up to three workers).
+    pub async fn generate(
+        &self,
+        req: &PreprocessedRequest,
+        request_id: &str,
+    ) -> Result<GenerateStream, GenerateError> {
+        let body = Bytes::from(serde_json::to_vec(req).expect("requests serialize"));
+        let mut exclude = Vec::new();
+        loop {
+            let q = RouteQuery {
+                tokens: &req.token_ids,
+                config_override: req.router_config_override.as_ref(),
+                dp_rank: req.dp_rank(),
+                worker_id: req.routing.as_ref().and_then(|r| r.backend_instance_id),
+                exclude: &exclude,
+            };
+            let routing = self.router.select(&q)?;
+            let active = self
+                .router
+                .begin(request_id, &routing, req.expected_output_tokens());
+            let worker_id = routing.worker.worker_id;
+            let address = self
+                .instances
+                .read()
+                .get(&worker_id)
+                .map(|i| i.address.clone());
+            let Some(address) = address else {
+                exclude.push(worker_id);
+                continue;
+            };
+            // The worker learns its rank from the routing hints.
+            let mut sent = req.clone();
+            sent.routing.get_or_insert_with(Default::default).dp_rank =
+                Some(routing.worker.dp_rank);
+            sent.request_id = Some(request_id.to_string());
+            let body = if sent == *req {
+                body.clone()
+            } else {
+                Bytes::from(serde_json::to_vec(&sent).expect("requests serialize"))
+            };
+            match self.node.call(&address, body).await {
+                Ok(responses) => {
+                    return Ok(GenerateStream {
+                        responses,
+                        active,
+                        worker_id,
+                        overlap_blocks: routing.overlap_blocks,
+                        done: false,
+                    });
+                }
+                Err(e) if e.retryable() && exclude.len() < 2 => {
+                    tracing::warn!(worker = worker_id, error = %e, "worker unreachable; routing again");
+                    drop(active);
+                    exclude.push(worker_id);
+                }
+                Err(source) => return Err(GenerateError::Upstream { worker_id, source }),
+            }
+        }
+    }
+}
+
+impl Drop for WorkerPool {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// A worker's outputs for one request; dropping it cancels the request and
+/// frees it in the router.
+pub struct GenerateStream {
+    responses: Responses,
+    active: ActiveRequest,
+    worker_id: InstanceId,
+    overlap_blocks: u32,
+    done: bool,
+}
+
+impl GenerateStream {
+    /// The worker serving the request.
+    pub fn worker_id(&self) -> InstanceId {
+        self.worker_id
+    }
+
+    /// The data-parallel rank serving the request.
+    pub fn dp_rank(&self) -> u32 {
+        self.active.worker().dp_rank
+    }
+
+    /// Prompt blocks the router predicted cached on that worker.
+    pub fn overlap_blocks(&self) -> u32 {
+        self.overlap_blocks
+    }
+
+    /// The next output; `None` at the end of the stream.
+    pub async fn next(&mut self) -> Option<Result<LlmEngineOutput, GenerateError>> {
+        if self.done {
+            return None;
+        }
+        let item = match self.responses.next().await {
+            None => None,
+            Some(Err(source)) => Some(Err(GenerateError::Upstream {
+                worker_id: self.worker_id,
+                source,
+            })),
+            Some(Ok(bytes)) => Some(serde_json::from_slice::<LlmEngineOutput>(&bytes).map_err(
+                |e| GenerateError::Protocol {
+                    worker_id: self.worker_id,
+                    message: e.to_string(),
+                },
+            )),
+        };
+        match &item {
+            Some(Ok(out)) => {
+                self.active.on_tokens(out.token_ids.len());
+                if out.finish_reason.is_some() {
+                    self.done = true;
+                }
+            }
+            _ => self.done = true,
+        }
+        item
+    }
+}

@@ -1,0 +1,313 @@
+//! Running the long-lived services: `serve` (everything in one process),
+//! `frontend` and `mocker` (separate processes over etcd/file discovery, NATS
+//! events and the chosen request plane).
+//!
+//! Connection settings come from the environment as in Dynamo:
+//! `ETCD_ENDPOINTS` (default `http://localhost:2379`), `NATS_SERVER`
+//! (default `nats://localhost:4222`), `DYN_FILE_KV` (file discovery root) and
+//! `DYN_TCP_ADVERTISE_HOST` (host advertised for TCP/HTTP listeners).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use kvrouter_core::KvRouterConfig;
+use kvrouter_core::busy::LoadThresholds;
+use kvrouter_frontend::serve::{Embedded, EmbeddedConfig, RoutingConfig, start_frontend};
+use kvrouter_frontend::{Endpoints, Preprocessor};
+use kvrouter_mocker::engine::EngineConfig;
+use kvrouter_mocker::service::{self, WorkerConfig};
+use kvrouter_runtime::discovery::{
+    Discovery, EtcdDiscovery, FileDiscovery, MemDiscovery, etcd_endpoints,
+};
+use kvrouter_runtime::endpoint::{EndpointId, WorkerMetadata};
+use kvrouter_runtime::events::{EventPlane, InProcEvents, NatsEvents, nats_url};
+use kvrouter_runtime::node::{Node, Plane, new_instance_id};
+use tokio::net::TcpListener;
+
+use crate::cli::args::{
+    EndpointType, EngineArgs, EventPlane as EventPlaneArg, ModelArgs, RequestPlane, RuntimeArgs,
+    StoreKv,
+};
+use crate::cli::{FrontendArgs, MockerArgs, ServeArgs};
+
+/// Chance that a mock token is an end-of-sequence (mean output ≈ 200 tokens
+/// when a request sets no `max_tokens`).
+const EOS_PROBABILITY: f64 = 1.0 / 200.0;
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Logs go to stderr; `RUST_LOG` (or `DYN_LOG`) sets the filter, default `info`.
+pub fn init_tracing() {
+    let filter = env("RUST_LOG")
+        .or_else(|| env("DYN_LOG"))
+        .unwrap_or_else(|| "info".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn engine_config(e: &EngineArgs) -> EngineConfig {
+    EngineConfig {
+        num_gpu_blocks: e.num_gpu_blocks as usize,
+        block_size: e.block_size as usize,
+        max_num_seqs: e.max_num_seqs as usize,
+        max_num_batched_tokens: e.max_num_batched_tokens as usize,
+        enable_prefix_caching: e.enable_prefix_caching(),
+        enable_chunked_prefill: e.enable_chunked_prefill(),
+        watermark: e.watermark,
+        speedup_ratio: e.speedup_ratio,
+    }
+}
+
+fn preprocessor(model: &ModelArgs, template: Option<&Path>) -> anyhow::Result<Arc<Preprocessor>> {
+    let pre = match (&model.model_path, template) {
+        (Some(dir), t) => Preprocessor::load(dir, t)?,
+        (None, Some(t)) => Preprocessor::builtin_with_template(t)?,
+        (None, None) => Preprocessor::builtin(),
+    };
+    Ok(Arc::new(pre))
+}
+
+fn endpoints(types: &[EndpointType]) -> Endpoints {
+    Endpoints {
+        chat: types.contains(&EndpointType::Chat),
+        completions: types.contains(&EndpointType::Completions),
+    }
+}
+
+async fn bind(host: &str, port: u16) -> anyhow::Result<TcpListener> {
+    TcpListener::bind((host, port))
+        .await
+        .with_context(|| format!("cannot listen on {host}:{port}"))
+}
+
+async fn shutdown_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// `kvrouter serve`.
+pub fn serve(
+    args: &ServeArgs,
+    kv: KvRouterConfig,
+    thresholds: LoadThresholds,
+) -> anyhow::Result<()> {
+    init_tracing();
+    let f = &args.frontend;
+    let pre = preprocessor(&f.model, f.runtime.custom_jinja_template.as_deref())?;
+    let model = f
+        .model
+        .model_name
+        .clone()
+        .unwrap_or_else(|| "mock-model".into());
+    let cfg = EmbeddedConfig {
+        model_name: model.clone(),
+        workers: args.workers,
+        engine: engine_config(&args.engine),
+        data_parallel_size: args.engine.data_parallel_size,
+        routing: RoutingConfig {
+            mode: f.routing.router_mode,
+            kv,
+            thresholds,
+            block_size: args.engine.block_size,
+        },
+        endpoints: endpoints(&f.runtime.endpoint_types),
+        namespace: f.runtime.namespace.clone(),
+        eos_probability: EOS_PROBABILITY,
+    };
+    runtime()?.block_on(async move {
+        let listener = bind(&f.http.http_host, f.http.http_port).await?;
+        let mut embedded = Embedded::start(cfg, pre, listener)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let addr = embedded.frontend.addr;
+        println!(
+            "kvrouter serve: OpenAI API on http://{addr} — model {model}, {} mock workers, router mode {}",
+            args.workers, f.routing.router_mode
+        );
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            r = embedded.frontend.wait() => r.context("HTTP server")?,
+        }
+        eprintln!("kvrouter serve: shutting down");
+        embedded.shutdown().await.context("HTTP server")?;
+        Ok(())
+    })
+}
+
+/// The process's runtime planes, as configured.
+async fn node(r: &RuntimeArgs, bind_host: &str) -> anyhow::Result<Node> {
+    let store = r.store_kv.unwrap_or(StoreKv::Etcd);
+    let discovery: Arc<dyn Discovery> = match store {
+        StoreKv::Etcd => {
+            let eps = etcd_endpoints(env("ETCD_ENDPOINTS"));
+            Arc::new(
+                EtcdDiscovery::connect(&eps)
+                    .await
+                    .with_context(|| format!("connecting to etcd at {}", eps.join(",")))?,
+            )
+        }
+        StoreKv::File => Arc::new(FileDiscovery::new(
+            FileDiscovery::default_root(env("DYN_FILE_KV")),
+            Duration::from_millis(200),
+        )),
+        StoreKv::Mem => Arc::new(MemDiscovery::new()),
+    };
+    let needs_nats = r.event_plane == EventPlaneArg::Nats || r.request_plane == RequestPlane::Nats;
+    let nats = if needs_nats {
+        let url = nats_url(env("NATS_SERVER"));
+        Some(
+            NatsEvents::connect(&url)
+                .await
+                .with_context(|| format!("connecting to NATS at {url}"))?,
+        )
+    } else {
+        None
+    };
+    let events: Arc<dyn EventPlane> = match (&nats, r.event_plane) {
+        (Some(n), EventPlaneArg::Nats) => Arc::new(n.clone()),
+        (_, EventPlaneArg::Zmq) => bail!(
+            "--event-plane zmq: engine workers publish ZeroMQ directly to routers; between \
+             kvrouter processes use --event-plane nats"
+        ),
+        _ => Arc::new(InProcEvents::new()),
+    };
+    if store == StoreKv::Mem {
+        tracing::warn!("--store-kv mem: this process only sees instances it registers itself");
+    }
+    let plane = match r.request_plane {
+        RequestPlane::Tcp => Plane::Tcp,
+        RequestPlane::Nats => Plane::Nats,
+        RequestPlane::Http => Plane::Http,
+    };
+    let mut node = Node::new(
+        discovery,
+        events,
+        plane,
+        nats.as_ref().map(|n| n.client()),
+        bind_host,
+    );
+    node.advertise_host = env("DYN_TCP_ADVERTISE_HOST");
+    Ok(node)
+}
+
+fn worker_endpoint(namespace: &str) -> EndpointId {
+    EndpointId {
+        namespace: namespace.into(),
+        component: "backend".into(),
+        endpoint: "generate".into(),
+    }
+}
+
+/// `kvrouter frontend`.
+pub fn frontend(
+    args: &FrontendArgs,
+    kv: KvRouterConfig,
+    thresholds: LoadThresholds,
+) -> anyhow::Result<()> {
+    init_tracing();
+    let pre = preprocessor(&args.model, args.runtime.custom_jinja_template.as_deref())?;
+    runtime()?.block_on(async move {
+        let node = node(&args.runtime, "0.0.0.0").await?;
+        let endpoint = worker_endpoint(&args.runtime.namespace);
+        // Without --model-name or a block size, take them from the first worker.
+        let first = if args.model.model_name.is_none() || args.routing.kv_cache_block_size.is_none()
+        {
+            eprintln!("kvrouter frontend: waiting for a worker on {endpoint} …");
+            let mut watch = node.discovery.watch(&endpoint).await?;
+            loop {
+                match watch.next().await {
+                    Some(kvrouter_runtime::discovery::DiscoveryEvent::Added(i)) => {
+                        if let Ok(m) = serde_json::from_value::<WorkerMetadata>(i.metadata) {
+                            break Some(m);
+                        }
+                    }
+                    Some(_) => {}
+                    None => bail!("discovery closed"),
+                }
+            }
+        } else {
+            None
+        };
+        let model = args
+            .model
+            .model_name
+            .clone()
+            .or_else(|| first.as_ref().map(|m| m.model_name.clone()))
+            .expect("waited for a worker");
+        let block_size = args
+            .routing
+            .kv_cache_block_size
+            .or_else(|| first.as_ref().map(|m| m.block_size))
+            .expect("waited for a worker");
+        let listener = bind(&args.http.http_host, args.http.http_port).await?;
+        let mut handle = start_frontend(
+            node,
+            endpoint,
+            model.clone(),
+            pre,
+            RoutingConfig {
+                mode: args.routing.router_mode,
+                kv,
+                thresholds,
+                block_size,
+            },
+            endpoints(&args.runtime.endpoint_types),
+            listener,
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
+        println!(
+            "kvrouter frontend: OpenAI API on http://{} — model {model}, router mode {}",
+            handle.addr, args.routing.router_mode
+        );
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            r = handle.wait() => r.context("HTTP server")?,
+        }
+        handle.shutdown().await.context("HTTP server")?;
+        Ok(())
+    })
+}
+
+/// `kvrouter mocker`.
+pub fn mocker(args: &MockerArgs) -> anyhow::Result<()> {
+    init_tracing();
+    let pre = preprocessor(&args.model, None)?;
+    let endpoint: EndpointId = args.endpoint.parse().map_err(anyhow::Error::msg)?;
+    runtime()?.block_on(async move {
+        let node = node(&args.runtime, "0.0.0.0").await?;
+        let cfg = WorkerConfig {
+            engine: engine_config(&args.engine),
+            data_parallel_size: args.engine.data_parallel_size,
+            model_name: args
+                .model
+                .model_name
+                .clone()
+                .unwrap_or_else(|| "mock-model".into()),
+            vocab: pre.ordinary_tokens(),
+            eos_probability: EOS_PROBABILITY,
+            context_length: pre.context_length(),
+        };
+        let mut workers = Vec::new();
+        for _ in 0..args.num_workers {
+            let id = new_instance_id();
+            workers.push(service::start(&node, &endpoint, id, cfg.clone()).await?);
+            println!("kvrouter mocker: worker {id} serving {endpoint}");
+        }
+        shutdown_signal().await;
+        drop(workers);
+        Ok(())
+    })
+}
