@@ -124,12 +124,69 @@ pub struct CompletionRequest {
     pub prompt: Prompt,
 }
 
+/// Known fields and the JSON kinds they take, checked before typed parsing so
+/// a wrong type is reported by field name (serde's messages give only a column).
+const FIELD_KINDS: &[(&str, &str)] = &[
+    ("model", "string"),
+    ("messages", "array"),
+    ("max_tokens", "uint"),
+    ("max_completion_tokens", "uint"),
+    ("n", "uint"),
+    ("seed", "uint"),
+    ("min_tokens", "uint"),
+    ("temperature", "number"),
+    ("top_p", "number"),
+    ("stream", "bool"),
+    ("ignore_eos", "bool"),
+    ("stream_options", "object"),
+    ("nvext", "object"),
+];
+
+fn check_kinds(v: &Value) -> Result<(), ApiError> {
+    let Some(obj) = v.as_object() else {
+        return Err(ApiError::invalid(
+            "the request body must be a JSON object",
+            None,
+        ));
+    };
+    for (name, kind) in FIELD_KINDS {
+        let Some(x) = obj.get(*name) else { continue };
+        let ok = x.is_null()
+            || match *kind {
+                "string" => x.is_string(),
+                "array" => x.is_array(),
+                "uint" => x.is_u64(),
+                "number" => x.is_number(),
+                "bool" => x.is_boolean(),
+                _ => x.is_object(),
+            };
+        if !ok {
+            let want = match *kind {
+                "uint" => "a non-negative integer",
+                "number" => "a number",
+                "bool" => "a boolean",
+                "string" => "a string",
+                "array" => "an array",
+                _ => "an object",
+            };
+            return Err(ApiError::invalid(
+                format!("`{name}` must be {want}, got {x}"),
+                Some(name),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Parses a body, mapping serde's message to a 400.
 pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if body.is_empty() {
         return Err(ApiError::invalid("the request body is empty", None));
     }
-    serde_json::from_slice(body).map_err(|e| {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid(format!("invalid request body: {e}"), None))?;
+    check_kinds(&v)?;
+    serde_json::from_value(v).map_err(|e| {
         let msg = e.to_string();
         let param = msg
             .strip_prefix("missing field `")
@@ -275,4 +332,29 @@ pub fn normalise_messages(messages: &[Value]) -> Result<Value, ApiError> {
         out.push(Value::Object(m));
     }
     Ok(Value::Array(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nvext_override_survives_parsing() {
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"x"}],
+            "nvext":{"router_config_override":{"overlap_score_weight":0.0,"assume_kv_reuse":false}}}"#;
+        let r: ChatRequest = parse(body).unwrap();
+        let o = r.common.nvext.unwrap().router_config_override.unwrap();
+        assert_eq!(o.overlap_score_weight, Some(0.0));
+        assert_eq!(o.assume_kv_reuse, Some(false));
+    }
+
+    #[test]
+    fn wrong_types_name_the_field() {
+        let e = parse::<ChatRequest>(br#"{"model":"m","messages":[],"max_tokens":"many"}"#)
+            .unwrap_err();
+        assert!(e.message.contains("`max_tokens`"), "{}", e.message);
+        assert_eq!(e.param.as_deref(), Some("max_tokens"));
+        let e = parse::<ChatRequest>(b"[1]").unwrap_err();
+        assert!(e.message.contains("JSON object"), "{}", e.message);
+    }
 }

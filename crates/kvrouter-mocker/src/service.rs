@@ -94,6 +94,7 @@ enum Command {
 }
 
 struct Ranks {
+    worker_id: InstanceId,
     tx: Vec<mpsc::UnboundedSender<Command>>,
     cfg: WorkerConfig,
     next_id: AtomicU64,
@@ -126,6 +127,7 @@ pub async fn start(
         ));
     }
     let handler = Arc::new(Ranks {
+        worker_id: id,
         tx,
         cfg: cfg.clone(),
         next_id: AtomicU64::new(1),
@@ -318,7 +320,11 @@ impl Handler for Ranks {
         if self.tx[rank].send(Command::Add(engine_req, tx)).is_err() {
             return futures::stream::once(async { Err("worker is shutting down".into()) }).boxed();
         }
-        let seed = req.sampling_options.seed.unwrap_or(id ^ 0x9e37_79b9);
+        // Unseeded requests differ across requests and workers.
+        let seed = req
+            .sampling_options
+            .seed
+            .unwrap_or(id ^ self.worker_id.rotate_left(17));
         let generation = Generation {
             rx,
             guard: AbortOnDrop {

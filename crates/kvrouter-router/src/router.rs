@@ -722,3 +722,132 @@ impl Drop for ActiveRequest {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> WorkerMetadata {
+        WorkerMetadata {
+            model_name: "m".into(),
+            block_size: 4,
+            total_kv_blocks: 1000,
+            max_num_seqs: 16,
+            max_num_batched_tokens: 1000,
+            data_parallel_size: 1,
+        }
+    }
+
+    fn router(mode: RouterMode, cfg: KvRouterConfig) -> Arc<KvRouter> {
+        let r = KvRouter::new(
+            mode,
+            cfg,
+            4,
+            LoadThresholds::default(),
+            RouterMetrics::unregistered(),
+        );
+        for id in 1..=4 {
+            r.add_worker(id, &meta());
+        }
+        r
+    }
+
+    #[test]
+    fn weight_zero_balances_distinct_load() {
+        let r = router(RouterMode::Kv, KvRouterConfig::default());
+        let tokens: Vec<u32> = (0..64).collect();
+        let o = RouterConfigOverride {
+            overlap_score_weight: Some(0.0),
+            assume_kv_reuse: Some(false),
+            ..Default::default()
+        };
+        let mut held = Vec::new();
+        let mut seen = HashSet::new();
+        for i in 0..4 {
+            let q = RouteQuery {
+                tokens: &tokens,
+                config_override: Some(&o),
+                ..Default::default()
+            };
+            let routing = r.select(&q).unwrap();
+            seen.insert(routing.worker.worker_id);
+            held.push(r.begin(format!("r{i}"), &routing, None));
+        }
+        assert_eq!(seen.len(), 4, "{:?}", r.state());
+        drop(held);
+        assert!(r.state().iter().all(|s| s.active_requests == 0));
+    }
+
+    #[test]
+    fn guard_tracks_prefill_output_and_free() {
+        let cfg = KvRouterConfig {
+            router_track_output_blocks: true,
+            ..KvRouterConfig::default()
+        };
+        let r = router(RouterMode::Kv, cfg);
+        let tokens: Vec<u32> = (0..10).collect();
+        let routing = r
+            .select(&RouteQuery {
+                tokens: &tokens,
+                ..Default::default()
+            })
+            .unwrap();
+        let mut g = r.begin("a", &routing, None);
+        let rank = |r: &KvRouter| {
+            r.state()
+                .into_iter()
+                .find(|s| s.worker_id == routing.worker.worker_id)
+                .unwrap()
+        };
+        assert_eq!(rank(&r).active_prefill_tokens, 10);
+        assert_eq!(rank(&r).active_decode_blocks, 2);
+        g.on_tokens(1);
+        assert_eq!(rank(&r).active_prefill_tokens, 0);
+        // 10 prompt + 3 output tokens cross into a 4th block.
+        g.on_tokens(2);
+        assert_eq!(rank(&r).active_decode_blocks, 3);
+        drop(g);
+        assert_eq!(rank(&r).active_requests, 0);
+        assert_eq!(rank(&r).active_decode_blocks, 0);
+    }
+
+    #[test]
+    fn pinned_worker_exclusions_and_empty_prompt() {
+        let r = router(RouterMode::RoundRobin, KvRouterConfig::default());
+        let tokens = [1u32, 2, 3];
+        let pinned = r
+            .select(&RouteQuery {
+                tokens: &tokens,
+                worker_id: Some(3),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(pinned.worker.worker_id, 3);
+        let all = [1, 2, 3, 4];
+        assert_eq!(
+            r.select(&RouteQuery {
+                tokens: &tokens,
+                exclude: &all,
+                ..Default::default()
+            }),
+            Err(RouteError::NoWorkers)
+        );
+        assert!(matches!(
+            r.select(&RouteQuery::default()),
+            Err(RouteError::Invalid(_))
+        ));
+        r.remove_worker(2);
+        let picks: HashSet<u64> = (0..6)
+            .map(|_| {
+                r.select(&RouteQuery {
+                    tokens: &tokens,
+                    ..Default::default()
+                })
+                .unwrap()
+                .worker
+                .worker_id
+            })
+            .collect();
+        assert_eq!(picks, HashSet::from([1, 3, 4]));
+    }
+}

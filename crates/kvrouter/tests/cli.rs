@@ -87,3 +87,68 @@ fn help_exits_0_and_lists_env_vars() {
         assert!(help.contains(needle), "{needle}");
     }
 }
+
+/// `kvrouter serve` as the README runs it: a child process on a free port,
+/// answering a real HTTP client, with no external service.
+#[tokio::test]
+async fn serve_answers_openai_requests() {
+    use std::io::BufRead;
+    let mut child = kvrouter()
+        .args([
+            "serve",
+            "--http-host",
+            "127.0.0.1",
+            "--http-port",
+            "0",
+            "--workers",
+            "2",
+            "--router-mode",
+            "kv",
+            "--speedup-ratio",
+            "20",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .unwrap();
+        line
+    })
+    .await
+    .unwrap();
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    let client = reqwest::Client::new();
+    let v: serde_json::Value = client
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&serde_json::json!({
+            "model": "mock-model", "max_tokens": 3,
+            "messages": [{"role": "user", "content": "hello"}],
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], 3, "{v}");
+    let metrics = client
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("dynamo_frontend_model_workers{model=\"mock-model\"} 2"));
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
