@@ -130,6 +130,12 @@ pub async fn run(
     app: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    // Streamed responses are many small writes: without TCP_NODELAY, Nagle's
+    // algorithm meets the client's delayed ACK and adds ~40 ms per response.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

@@ -8,7 +8,8 @@ use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Reg
 
 /// Buckets for per-request routing overhead, in ms (1 µs … 100 ms).
 const OVERHEAD_MS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 25.0, 100.0,
+    0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.5, 1.0, 2.0,
+    5.0, 10.0, 100.0,
 ];
 
 /// Every metric the router records.

@@ -168,8 +168,12 @@ impl Node {
                     ));
                     tcp
                 } else {
+                    use axum::serve::ListenerExt;
                     let app = http_router(handler);
                     let token = shutdown.clone();
+                    let listener = listener.tap_io(|tcp| {
+                        let _ = tcp.set_nodelay(true);
+                    });
                     tokio::spawn(async move {
                         let _ = axum::serve(listener, app)
                             .with_graceful_shutdown(token.cancelled_owned())

@@ -23,6 +23,8 @@ use kvrouter_kvops::{ReplayTarget, Workload, replay};
 pub enum BenchCommand {
     /// Replay a kv-ops/1 file (from shared/tools/kv-ops-gen) against the KV index.
     Index(IndexArgs),
+    /// Replay a Mooncake trace as open-loop HTTP load against an OpenAI endpoint.
+    Http(crate::loadgen::HttpArgs),
 }
 
 /// Which index implementation to replay against.
@@ -55,6 +57,7 @@ pub struct IndexArgs {
 pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCommand::Index(args) => bench_index(args),
+        BenchCommand::Http(args) => crate::loadgen::run(args),
     }
 }
 

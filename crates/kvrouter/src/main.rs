@@ -2,6 +2,7 @@
 
 mod bench;
 mod cli;
+mod loadgen;
 mod services;
 mod sim;
 
