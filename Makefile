@@ -5,16 +5,35 @@ export PATH := $(PATH):/usr/sbin
 CARGO  ?= cargo
 OUT    := out
 
-.PHONY: run index test lint unit bench-build bench-index fuzz deps clean
+.PHONY: run sim bench-http index test lint unit bench-build bench-index fuzz deps clean
 
-## The main job today: replay the Mooncake production trace (12,031 requests) through
-## 8 simulated engines behind the real router, once per routing mode, in virtual time.
-run:
+## The main job: the OpenAI API with KV-aware routing over 4 mock workers, all in
+## one process (in-memory discovery and events) on http://127.0.0.1:8000. Ctrl-C stops it.
+run: deps
+	$(CARGO) build --release -p kvrouter
+	./target/release/kvrouter serve --http-host 127.0.0.1 --http-port 8000 --router-mode kv --workers 4
+
+## Offline simulator: replay the Mooncake trace (12,031 requests) through 8 simulated
+## engines behind the real router core, once per routing mode, in virtual time.
+sim:
 	$(CARGO) build --release -p kvrouter
 	mkdir -p $(OUT)
 	./target/release/kvrouter sim --trace $(SHARED)/data/mooncake_conversation_trace.jsonl \
 	  --workers 8 --speedup 6 --json $(OUT)/sim.json --plot $(OUT)/sim.svg
 	@echo "results: $(OUT)/sim.json, chart: $(OUT)/sim.svg"
+
+## HTTP load: serve (8 mock workers, engines x1000) driven by an open-loop replay of the
+## trace at SPEEDUP x its recorded rate (300 = ~950 requests/s); one JSON line per run.
+SPEEDUP ?= 300
+bench-http:
+	$(CARGO) build --release -p kvrouter
+	mkdir -p $(OUT)
+	./target/release/kvrouter serve --http-host 127.0.0.1 --http-port 18181 --workers 8 \
+	  --router-mode kv --speedup-ratio 1000 > $(OUT)/bench-serve.log 2>&1 & echo $$! > $(OUT)/bench-serve.pid
+	sleep 2
+	./target/release/kvrouter bench http --url http://127.0.0.1:18181 --limit 6000 \
+	  --trace $(SHARED)/data/mooncake_conversation_trace.jsonl --speedup $(SPEEDUP) | tee -a $(OUT)/bench-http.jsonl; \
+	  status=$$?; kill $$(cat $(OUT)/bench-serve.pid); exit $$status
 
 ## Replay the trace's KV events and lookups through the index alone (one JSON line).
 index: $(OUT)/conv.kvops
