@@ -16,7 +16,6 @@ use kvrouter_core::KvRouterConfig;
 use kvrouter_core::busy::LoadThresholds;
 use kvrouter_frontend::serve::{Embedded, EmbeddedConfig, RoutingConfig, start_frontend};
 use kvrouter_frontend::{Endpoints, Preprocessor};
-use kvrouter_mocker::engine::EngineConfig;
 use kvrouter_mocker::service::{self, WorkerConfig};
 use kvrouter_runtime::discovery::{
     Discovery, EtcdDiscovery, FileDiscovery, MemDiscovery, etcd_endpoints,
@@ -27,8 +26,7 @@ use kvrouter_runtime::node::{Node, Plane, new_instance_id};
 use tokio::net::TcpListener;
 
 use crate::cli::args::{
-    EndpointType, EngineArgs, EventPlane as EventPlaneArg, ModelArgs, RequestPlane, RuntimeArgs,
-    StoreKv,
+    EndpointType, EventPlane as EventPlaneArg, ModelArgs, RequestPlane, RuntimeArgs, StoreKv,
 };
 use crate::cli::{FrontendArgs, MockerArgs, ServeArgs};
 
@@ -57,19 +55,6 @@ pub fn init_tracing() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
-}
-
-fn engine_config(e: &EngineArgs) -> EngineConfig {
-    EngineConfig {
-        num_gpu_blocks: e.num_gpu_blocks as usize,
-        block_size: e.block_size as usize,
-        max_num_seqs: e.max_num_seqs as usize,
-        max_num_batched_tokens: e.max_num_batched_tokens as usize,
-        enable_prefix_caching: e.enable_prefix_caching(),
-        enable_chunked_prefill: e.enable_chunked_prefill(),
-        watermark: e.watermark,
-        speedup_ratio: e.speedup_ratio,
-    }
 }
 
 fn preprocessor(model: &ModelArgs, template: Option<&Path>) -> anyhow::Result<Arc<Preprocessor>> {
@@ -115,7 +100,7 @@ pub fn serve(
     let cfg = EmbeddedConfig {
         model_name: model.clone(),
         workers: args.workers,
-        engine: engine_config(&args.engine),
+        engine: args.engine.engine_config(),
         data_parallel_size: args.engine.data_parallel_size,
         routing: RoutingConfig {
             mode: f.routing.router_mode,
@@ -290,7 +275,7 @@ pub fn mocker(args: &MockerArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let node = node(&args.runtime, "0.0.0.0").await?;
         let cfg = WorkerConfig {
-            engine: engine_config(&args.engine),
+            engine: args.engine.engine_config(),
             data_parallel_size: args.engine.data_parallel_size,
             model_name: args
                 .model

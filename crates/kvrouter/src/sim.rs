@@ -5,7 +5,6 @@ use std::process::ExitCode;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use kvrouter_core::KvRouterConfig;
-use kvrouter_mocker::engine::EngineConfig;
 use kvrouter_mocker::report::{self, ModeReport};
 use kvrouter_mocker::sim::{self, SimConfig};
 use kvrouter_mocker::trace;
@@ -15,16 +14,7 @@ use crate::cli::SimArgs;
 /// Runs the comparison and prints the table (and JSON / SVG when asked).
 pub fn run(args: &SimArgs, router: KvRouterConfig) -> anyhow::Result<ExitCode> {
     let e = &args.engine;
-    let engine = EngineConfig {
-        num_gpu_blocks: e.num_gpu_blocks as usize,
-        block_size: e.block_size as usize,
-        max_num_seqs: e.max_num_seqs as usize,
-        max_num_batched_tokens: e.max_num_batched_tokens as usize,
-        enable_prefix_caching: e.enable_prefix_caching(),
-        enable_chunked_prefill: e.enable_chunked_prefill(),
-        watermark: e.watermark,
-        speedup_ratio: e.speedup_ratio,
-    };
+    let engine = e.engine_config();
     let cfg = SimConfig {
         workers: args.sim_workers as usize,
         data_parallel_size: e.data_parallel_size as usize,

@@ -395,6 +395,20 @@ impl KvArgs {
 }
 
 impl EngineArgs {
+    /// The engine these flags describe.
+    pub fn engine_config(&self) -> kvrouter_mocker::engine::EngineConfig {
+        kvrouter_mocker::engine::EngineConfig {
+            num_gpu_blocks: self.num_gpu_blocks as usize,
+            block_size: self.block_size as usize,
+            max_num_seqs: self.max_num_seqs as usize,
+            max_num_batched_tokens: self.max_num_batched_tokens as usize,
+            enable_prefix_caching: self.enable_prefix_caching(),
+            enable_chunked_prefill: self.enable_chunked_prefill(),
+            watermark: self.watermark,
+            speedup_ratio: self.speedup_ratio,
+        }
+    }
+
     /// Resolved switch.
     pub fn enable_prefix_caching(&self) -> bool {
         !self.no_enable_prefix_caching
