@@ -4,10 +4,13 @@
 //!   selection behind one handle, with an RAII guard per routed request.
 //! - [`workers`]: a pool of engine workers followed through discovery and the
 //!   event plane, and the routed call that streams a worker's outputs back.
+//! - [`standalone`]: the standalone router service (`{ns}.router.generate`,
+//!   `{ns}.router.best_worker_id`).
 //! - [`metrics`]: the router's Prometheus metrics under the reference names.
 
 pub mod metrics;
 pub mod router;
+pub mod standalone;
 pub mod workers;
 
 pub use kvrouter_core::llm::{LlmEngineOutput, PreprocessedRequest};

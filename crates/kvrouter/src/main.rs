@@ -47,6 +47,7 @@ fn run(parsed: Parsed) -> ExitCode {
         Command::GlobalRouter(a) => a.runtime.dump_config_to.clone(),
         Command::Mocker(a) => a.runtime.dump_config_to.clone(),
         Command::Serve(a) => a.frontend.runtime.dump_config_to.clone(),
+        Command::Call(a) => a.runtime.dump_config_to.clone(),
         Command::Sim(_) | Command::Bench(_) => None,
     };
     if let Some(path) = dump_to {
@@ -89,6 +90,15 @@ fn run(parsed: Parsed) -> ExitCode {
         )
         .map(|()| ExitCode::SUCCESS),
         Command::Mocker(args) => services::mocker(&args).map(|()| ExitCode::SUCCESS),
+        Command::Router(args) => services::router(
+            &args,
+            resolved
+                .kv_router_config
+                .clone()
+                .expect("router resolves a router config"),
+        )
+        .map(|()| ExitCode::SUCCESS),
+        Command::Call(args) => services::call(&args),
         _ => {
             eprintln!(
                 "kvrouter {}: the configuration is valid, but this service is not built yet \

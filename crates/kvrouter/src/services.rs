@@ -8,12 +8,13 @@
 //! `DYN_TCP_ADVERTISE_HOST` (host advertised for TCP/HTTP listeners).
 
 use std::path::Path;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use kvrouter_core::KvRouterConfig;
 use kvrouter_core::busy::LoadThresholds;
+use kvrouter_core::{KvRouterConfig, RouterMode};
 use kvrouter_frontend::serve::{Embedded, EmbeddedConfig, RoutingConfig, start_frontend};
 use kvrouter_frontend::{Endpoints, Preprocessor};
 use kvrouter_mocker::service::{self, WorkerConfig};
@@ -28,7 +29,9 @@ use tokio::net::TcpListener;
 use crate::cli::args::{
     EndpointType, EventPlane as EventPlaneArg, ModelArgs, RequestPlane, RuntimeArgs, StoreKv,
 };
-use crate::cli::{FrontendArgs, MockerArgs, ServeArgs};
+use crate::cli::{CallArgs, FrontendArgs, MockerArgs, RouterArgs, ServeArgs};
+use kvrouter_router::standalone::StandaloneRouter;
+use kvrouter_router::{KvRouter, RouterMetrics, WorkerPool};
 
 /// Chance that a mock token is an end-of-sequence (mean output ≈ 200 tokens
 /// when a request sets no `max_tokens`).
@@ -295,5 +298,109 @@ pub fn mocker(args: &MockerArgs) -> anyhow::Result<()> {
         shutdown_signal().await;
         drop(workers);
         Ok(())
+    })
+}
+
+/// `kvrouter router`: the standalone router for `--endpoint`'s workers.
+pub fn router(args: &RouterArgs, kv: KvRouterConfig) -> anyhow::Result<()> {
+    init_tracing();
+    let endpoint: EndpointId = args.endpoint.parse().map_err(anyhow::Error::msg)?;
+    runtime()?.block_on(async move {
+        let node = node(&args.runtime, "0.0.0.0").await?;
+        let registry = prometheus::Registry::new();
+        let metrics = RouterMetrics::new(&registry)?;
+        // Busy thresholds are the frontend's admission control; the standalone
+        // router routes among whatever workers exist.
+        let router = KvRouter::new(
+            RouterMode::Kv,
+            kv,
+            args.router_block_size,
+            LoadThresholds::default(),
+            metrics,
+        );
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let pool = WorkerPool::start(node.clone(), endpoint.clone(), router, cancel.clone())
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let id = new_instance_id();
+        let service = StandaloneRouter::start(&node, &args.runtime.namespace, id, pool).await?;
+        println!(
+            "kvrouter router: instance {id} serving {} and {} for {endpoint} (block size {})",
+            service.generate.instance.endpoint,
+            service.best_worker_id.instance.endpoint,
+            args.router_block_size
+        );
+        shutdown_signal().await;
+        cancel.cancel();
+        drop(service);
+        Ok(())
+    })
+}
+
+/// `kvrouter call`: exit 0 on a complete stream, 1 on an error response, 3
+/// when no instance appears in time.
+pub fn call(args: &CallArgs) -> anyhow::Result<ExitCode> {
+    let endpoint: EndpointId = args.endpoint.parse().map_err(anyhow::Error::msg)?;
+    let body = match args.body.as_deref() {
+        None => "{}".to_string(),
+        Some("-") => {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                .context("reading the request body from stdin")?;
+            s
+        }
+        Some(b) => b.to_string(),
+    };
+    serde_json::from_str::<serde_json::Value>(&body).context("the request body is not JSON")?;
+    runtime()?.block_on(async move {
+        let node = node(&args.runtime, "127.0.0.1").await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(args.wait);
+        let instance = loop {
+            let found = node.discovery.list(&endpoint).await?;
+            let pick = match args.instance {
+                Some(id) => found.into_iter().find(|i| i.id == id),
+                None => found.into_iter().next(),
+            };
+            if let Some(i) = pick {
+                break i;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                eprintln!(
+                    "kvrouter call: no instance of {endpoint} within {} s",
+                    args.wait
+                );
+                return Ok(ExitCode::from(3));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let mut responses = match node.call(&instance.address, body.into_bytes().into()).await {
+            Ok(r) => r,
+            Err(e) => {
+                println!("{}", serde_json::json!({"error": e.to_string()}));
+                return Ok(ExitCode::FAILURE);
+            }
+        };
+        while let Some(item) = responses.next().await {
+            match item {
+                Ok(bytes) => match serde_json::from_slice::<serde_json::Value>(&bytes) {
+                    Ok(v) => println!("{v}"),
+                    Err(_) => println!(
+                        "{}",
+                        serde_json::Value::String(String::from_utf8_lossy(&bytes).into())
+                    ),
+                },
+                Err(e) => {
+                    let err = match &e {
+                        kvrouter_runtime::request::RequestError::Remote(m) => {
+                            serde_json::from_str(m).unwrap_or_else(|_| serde_json::json!(m))
+                        }
+                        other => serde_json::json!(other.to_string()),
+                    };
+                    println!("{}", serde_json::json!({"error": err}));
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+        }
+        Ok(ExitCode::SUCCESS)
     })
 }

@@ -57,9 +57,35 @@ pub enum Command {
     Serve(ServeArgs),
     /// Offline simulator: replay a trace through N mock engines under each routing mode.
     Sim(SimArgs),
+    /// Send one request to any endpoint and print the streamed responses as JSON lines.
+    Call(CallArgs),
     /// Benchmarks (release builds; results are JSON lines on stdout).
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+/// `kvrouter call`: an operator's request to any endpoint over the configured planes.
+///
+/// Exits 0 when the stream ends normally, 1 on an error response (printed as
+/// `{"error": …}` on stdout), 2 on invalid arguments, 3 when no instance of the
+/// endpoint appears within `--wait`.
+#[derive(Debug, Clone, Args)]
+pub struct CallArgs {
+    /// The endpoint: `namespace.component.endpoint` (`dyn://` optional).
+    #[arg(value_name = "ENDPOINT", index = 1)]
+    pub endpoint: String,
+    /// The request body as JSON, or `-` to read it from stdin [default: `{}`].
+    #[arg(value_name = "JSON|-", index = 2)]
+    pub body: Option<String>,
+    /// Call this instance (default: the first one discovered).
+    #[arg(long, value_name = "ID")]
+    pub instance: Option<u64>,
+    /// Seconds to wait for an instance to appear.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    pub wait: f64,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub runtime: RuntimeArgs,
 }
 
 /// `kvrouter frontend`.

@@ -373,6 +373,40 @@ impl Parsed {
                     None,
                 )
             }
+            Command::Call(a) => {
+                let sub = "call";
+                runtime_problems(sub, &a.runtime, &mut p);
+                if !valid_endpoint(&a.endpoint) {
+                    p.push(Problem {
+                        flags: vec!["ENDPOINT".into()],
+                        message: format!("{:?} is not namespace.component.endpoint", a.endpoint),
+                    });
+                }
+                if let Some(b) = &a.body
+                    && b != "-"
+                    && serde_json::from_str::<Value>(b).is_err()
+                {
+                    p.push(Problem {
+                        flags: vec!["JSON".into()],
+                        message: "the request body is not valid JSON".into(),
+                    });
+                }
+                if !(a.wait.is_finite() && a.wait >= 0.0) {
+                    p.push(Problem {
+                        flags: vec![flag(sub, "wait")],
+                        message: format!("must be a finite number ≥ 0, got {}", a.wait),
+                    });
+                }
+                put(json!({"endpoint": a.endpoint, "instance": a.instance, "wait": a.wait}));
+                put(json!(a.runtime));
+                (
+                    sub,
+                    None,
+                    None,
+                    None,
+                    a.runtime.store_kv.or(Some(StoreKv::Etcd)),
+                )
+            }
             Command::Bench(_) => {
                 return Ok(Resolved {
                     subcommand: "bench",

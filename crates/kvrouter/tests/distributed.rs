@@ -1,0 +1,144 @@
+//! The services as separate processes over real servers: `kvrouter mocker`
+//! and `kvrouter router` registering in a real etcd, KV events over a real
+//! NATS, requests over TCP; `kvrouter call` talking to the router's endpoints.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kvrouter_runtime::testing::{EtcdServer, NatsServer};
+use serde_json::{Value, json};
+
+struct Fleet {
+    _nats: NatsServer,
+    _etcd: EtcdServer,
+    nats_url: String,
+    etcd_url: String,
+    children: Vec<Child>,
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Fleet {
+    fn start() -> Self {
+        let nats = NatsServer::start().expect("nats-server (make test installs it)");
+        let etcd = EtcdServer::start().expect("etcd (make test installs it)");
+        Self {
+            nats_url: nats.url(),
+            etcd_url: etcd.endpoint(),
+            _nats: nats,
+            _etcd: etcd,
+            children: Vec::new(),
+        }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kvrouter"));
+        for (k, _) in std::env::vars() {
+            if k.starts_with("DYN_") {
+                c.env_remove(k);
+            }
+        }
+        c.args(args)
+            .env("NATS_SERVER", &self.nats_url)
+            .env("ETCD_ENDPOINTS", &self.etcd_url)
+            .env("RUST_LOG", "warn");
+        c
+    }
+
+    fn spawn(&mut self, args: &[&str]) {
+        let child = self
+            .cmd(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.children.push(child);
+    }
+
+    /// Runs `kvrouter call`; returns (exit code, JSON lines).
+    fn call(&self, endpoint: &str, body: &Value) -> (i32, Vec<Value>) {
+        let out = self
+            .cmd(&["call", endpoint, &body.to_string(), "--wait", "20"])
+            .output()
+            .unwrap();
+        let lines = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
+            .collect();
+        (out.status.code().unwrap_or(-1), lines)
+    }
+}
+
+fn prompt(n: u32) -> Vec<u32> {
+    (0..n).map(|i| 3 + (i * 7919) % 4000).collect()
+}
+
+#[test]
+fn standalone_router_serves_generate_and_best_worker_id() {
+    let mut f = Fleet::start();
+    f.spawn(&[
+        "mocker",
+        "--endpoint",
+        "fleet.backend.generate",
+        "--num-workers",
+        "2",
+        "--speedup-ratio",
+        "50",
+        "--namespace",
+        "fleet",
+    ]);
+    f.spawn(&[
+        "router",
+        "--endpoint",
+        "fleet.backend.generate",
+        "--block-size",
+        "64",
+        "--namespace",
+        "fleet",
+    ]);
+    // Generate through the router: the worker's outputs stream back.
+    let tokens = prompt(640);
+    let (code, lines) = f.call(
+        "fleet.router.generate",
+        &json!({"model": "mock-model", "token_ids": tokens, "stop_conditions": {"max_tokens": 3}}),
+    );
+    assert_eq!(code, 0, "{lines:?}");
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert_eq!(lines[2]["finish_reason"], "length");
+    assert_eq!(lines[2]["completion_usage"]["completion_tokens"], 3);
+    // The worker's KV events reached the router over NATS: the prompt is now cached.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let best = loop {
+        let (code, lines) = f.call("fleet.router.best_worker_id", &json!({"token_ids": tokens}));
+        assert_eq!(code, 0, "{lines:?}");
+        if lines[0]["overlap_blocks"].as_u64() == Some(10) {
+            break lines[0].clone();
+        }
+        assert!(Instant::now() < deadline, "never indexed: {lines:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(best["worker_id"].as_u64().unwrap() > 0);
+    // Asking again changes nothing: the answer is stable.
+    let (_, again) = f.call("fleet.router.best_worker_id", &json!({"token_ids": tokens}));
+    assert_eq!(again[0], best);
+    // Typed errors, never a hang.
+    let (code, lines) = f.call("fleet.router.best_worker_id", &json!({"token_ids": []}));
+    assert_eq!(code, 1);
+    assert_eq!(lines[0]["error"]["code"], "invalid_request");
+    let (code, lines) = f.call("fleet.router.generate", &json!({"model": "m"}));
+    assert_eq!(code, 1);
+    assert_eq!(lines[0]["error"]["code"], "invalid_request");
+    // No instance at all: exit 3 after the wait.
+    let out = f
+        .cmd(&["call", "fleet.nobody.generate", "{}", "--wait", "0.5"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+}
