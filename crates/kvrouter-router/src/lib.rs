@@ -6,11 +6,13 @@
 //!   event plane, and the routed call that streams a worker's outputs back.
 //! - [`standalone`]: the standalone router service (`{ns}.router.generate`,
 //!   `{ns}.router.best_worker_id`).
+//! - [`sync`]: active-sequence events shared by router replicas.
 //! - [`metrics`]: the router's Prometheus metrics under the reference names.
 
 pub mod metrics;
 pub mod router;
 pub mod standalone;
+pub mod sync;
 pub mod workers;
 
 pub use kvrouter_core::llm::{LlmEngineOutput, PreprocessedRequest};

@@ -34,6 +34,7 @@ use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 
 use crate::metrics::RouterMetrics;
+use crate::sync::{ActiveSequenceEvent, AddRequest, SyncData};
 
 /// Why a request could not be routed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -123,6 +124,9 @@ struct State {
 
 /// The KV router (see the module docs).
 pub struct KvRouter {
+    /// Where this router's active-sequence changes go (replica sync), with its id.
+    sync:
+        parking_lot::RwLock<Option<(u64, tokio::sync::mpsc::UnboundedSender<ActiveSequenceEvent>)>>,
     mode: RouterMode,
     config: KvRouterConfig,
     block_size: usize,
@@ -158,6 +162,7 @@ impl KvRouter {
             Index::Exact(Mutex::new(RadixIndex::new()))
         };
         Arc::new(Self {
+            sync: parking_lot::RwLock::new(None),
             mode,
             config,
             block_size: block_size.max(2) as usize,
@@ -546,6 +551,17 @@ impl KvRouter {
                 tracing::warn!(request_id = %id, error = %e, "request not tracked");
             }
             self.observe_rank(&mut st, routing.worker);
+            drop(st);
+            self.publish(
+                &id,
+                routing.worker,
+                SyncData::AddRequest(AddRequest {
+                    token_sequence: routing.seq_hashes.clone(),
+                    isl: routing.isl,
+                    overlap: routing.overlap_blocks,
+                    expected_output_tokens,
+                }),
+            );
         }
         ActiveRequest {
             router: self.clone(),
@@ -594,6 +610,8 @@ impl KvRouter {
         if st.tracker.mark_prefill_completed(id).is_ok() {
             self.observe_rank(&mut st, w);
         }
+        drop(st);
+        self.publish(id, w, SyncData::MarkPrefillCompleted);
     }
 
     fn output_block(&self, id: &str, w: WorkerKey, decay: Option<f64>) {
@@ -609,6 +627,65 @@ impl KvRouter {
         if st.tracker.free(id).is_ok() {
             self.observe_rank(&mut st, w);
         }
+        drop(st);
+        self.publish(id, w, SyncData::Free);
+    }
+
+    /// Sends this router's active-sequence changes to `tx`, as router `router_id`.
+    pub fn enable_replica_sync(
+        &self,
+        router_id: u64,
+        tx: tokio::sync::mpsc::UnboundedSender<ActiveSequenceEvent>,
+    ) {
+        *self.sync.write() = Some((router_id, tx));
+    }
+
+    fn publish(&self, id: &str, w: WorkerKey, data: SyncData) {
+        if let Some((router_id, tx)) = self.sync.read().as_ref() {
+            let _ = tx.send(ActiveSequenceEvent {
+                request_id: id.to_string(),
+                worker: w.into(),
+                router_id: *router_id,
+                lora_name: None,
+                data,
+            });
+        }
+    }
+
+    /// Applies another replica's change (own events are ignored).
+    pub fn apply_replica_event(&self, ev: &ActiveSequenceEvent) {
+        if self
+            .sync
+            .read()
+            .as_ref()
+            .is_some_and(|(me, _)| *me == ev.router_id)
+        {
+            return;
+        }
+        let w = WorkerKey::new(ev.worker.worker_id, ev.worker.dp_rank);
+        let mut st = self.state.lock();
+        if !st.workers.contains_key(&w.worker_id) {
+            return; // not a worker this replica routes to (yet)
+        }
+        let result = match &ev.data {
+            SyncData::AddRequest(a) => st.tracker.add_request(
+                w,
+                NewRequest {
+                    id: &ev.request_id,
+                    seq_hashes: a.token_sequence.as_deref(),
+                    isl: a.isl,
+                    overlap: a.overlap,
+                    expected_output_tokens: a.expected_output_tokens,
+                },
+                Instant::now(),
+            ),
+            SyncData::MarkPrefillCompleted => st.tracker.mark_prefill_completed(&ev.request_id),
+            SyncData::Free => st.tracker.free(&ev.request_id),
+        };
+        if let Err(e) = result {
+            tracing::debug!(request_id = %ev.request_id, error = %e, "replica event not applied");
+        }
+        self.observe_rank(&mut st, w);
     }
 
     /// The load the router sees on every rank.

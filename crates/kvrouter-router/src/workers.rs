@@ -25,6 +25,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::router::{ActiveRequest, KvRouter, RouteError, RouteQuery};
+use crate::sync::ActiveSequenceEvent;
 use kvrouter_core::llm::{LlmEngineOutput, PreprocessedRequest};
 
 /// Subject of an endpoint's KV events.
@@ -154,6 +155,9 @@ impl WorkerPool {
                 }
             }
         });
+        if pool.router.config().router_replica_sync {
+            pool.start_replica_sync(cancel.clone()).await?;
+        }
         let p = pool.clone();
         tokio::spawn(async move {
             loop {
@@ -165,6 +169,56 @@ impl WorkerPool {
             }
         });
         Ok(pool)
+    }
+
+    /// Publishes this router's active-sequence changes and applies the other replicas'.
+    async fn start_replica_sync(self: &Arc<Self>, cancel: CancellationToken) -> Result<(), String> {
+        let subject = self.endpoint.subject("active_sequences_events");
+        let mut incoming = self
+            .node
+            .events
+            .subscribe(&subject)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<ActiveSequenceEvent>();
+        self.router
+            .enable_replica_sync(kvrouter_runtime::node::new_instance_id(), tx);
+        let events = self.node.events.clone();
+        let c = cancel.clone();
+        let s = subject.clone();
+        tokio::spawn(async move {
+            loop {
+                let ev = tokio::select! {
+                    _ = c.cancelled() => break,
+                    e = rx.recv() => match e { Some(e) => e, None => break },
+                };
+                let bytes = serde_json::to_vec(&ev).expect("sync events serialize");
+                if let Err(e) = events.publish(&s, Bytes::from(bytes)).await {
+                    tracing::warn!(error = %e, "replica sync event not published");
+                }
+            }
+        });
+        let p = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    m = incoming.next() => match m { Some(m) => m, None => break },
+                };
+                match serde_json::from_slice::<ActiveSequenceEvent>(&msg) {
+                    Ok(ev) => p.router.apply_replica_event(&ev),
+                    Err(e) => {
+                        p.router
+                            .metrics()
+                            .events_rejected
+                            .with_label_values(&["active_sequences"])
+                            .inc();
+                        tracing::warn!(error = %e, "undecodable replica sync event skipped");
+                    }
+                }
+            }
+        });
+        Ok(())
     }
 
     fn on_discovery(&self, ev: DiscoveryEvent) {
