@@ -6,9 +6,11 @@
 //!   event plane, and the routed call that streams a worker's outputs back.
 //! - [`standalone`]: the standalone router service (`{ns}.router.generate`,
 //!   `{ns}.router.best_worker_id`).
+//! - [`global`]: the global router (pool selection by size and latency target).
 //! - [`sync`]: active-sequence events shared by router replicas.
 //! - [`metrics`]: the router's Prometheus metrics under the reference names.
 
+pub mod global;
 pub mod metrics;
 pub mod router;
 pub mod standalone;

@@ -12,8 +12,6 @@ use cli::{Command, Parsed};
 
 /// Exit code for invalid flags, variables or combinations.
 const EXIT_USAGE: u8 = 2;
-/// Exit code for a valid configuration of a service that is not built yet.
-const EXIT_NOT_BUILT: u8 = 3;
 
 fn main() -> ExitCode {
     let parsed = match cli::parse(std::env::args_os(), &cli::env::ProcessEnv) {
@@ -41,6 +39,15 @@ fn run(parsed: Parsed) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    let check_only = match &parsed.command {
+        Command::Frontend(a) => a.runtime.check_config,
+        Command::Router(a) => a.runtime.check_config,
+        Command::GlobalRouter(a) => a.runtime.check_config,
+        Command::Mocker(a) => a.runtime.check_config,
+        Command::Serve(a) => a.frontend.runtime.check_config,
+        Command::Call(a) => a.runtime.check_config,
+        Command::Sim(_) | Command::Bench(_) => false,
+    };
     let dump_to = match &parsed.command {
         Command::Frontend(a) => a.runtime.dump_config_to.clone(),
         Command::Router(a) => a.runtime.dump_config_to.clone(),
@@ -61,6 +68,13 @@ fn run(parsed: Parsed) -> ExitCode {
             "kvrouter: resolved configuration written to {}",
             path.display()
         );
+    }
+    if check_only {
+        eprintln!(
+            "kvrouter {}: the configuration is valid",
+            resolved.subcommand
+        );
+        return ExitCode::SUCCESS;
     }
     let result = match parsed.command {
         Command::Bench(cmd) => bench::run(cmd),
@@ -99,14 +113,7 @@ fn run(parsed: Parsed) -> ExitCode {
         )
         .map(|()| ExitCode::SUCCESS),
         Command::Call(args) => services::call(&args),
-        _ => {
-            eprintln!(
-                "kvrouter {}: the configuration is valid, but this service is not built yet \
-                 (see the README's status table)",
-                resolved.subcommand
-            );
-            return ExitCode::from(EXIT_NOT_BUILT);
-        }
+        Command::GlobalRouter(args) => services::global_router(&args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

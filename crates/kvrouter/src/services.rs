@@ -29,7 +29,8 @@ use tokio::net::TcpListener;
 use crate::cli::args::{
     EndpointType, EventPlane as EventPlaneArg, ModelArgs, RequestPlane, RuntimeArgs, StoreKv,
 };
-use crate::cli::{CallArgs, FrontendArgs, MockerArgs, RouterArgs, ServeArgs};
+use crate::cli::{CallArgs, FrontendArgs, GlobalRouterArgs, MockerArgs, RouterArgs, ServeArgs};
+use kvrouter_router::global::{GlobalRouter, GlobalRouterConfig, PoolConfig};
 use kvrouter_router::standalone::StandaloneRouter;
 use kvrouter_router::{KvRouter, RouterMetrics, WorkerPool};
 
@@ -402,5 +403,36 @@ pub fn call(args: &CallArgs) -> anyhow::Result<ExitCode> {
             }
         }
         Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `kvrouter global-router`.
+pub fn global_router(args: &GlobalRouterArgs) -> anyhow::Result<()> {
+    init_tracing();
+    let pools = PoolConfig::load(&args.config)?;
+    runtime()?.block_on(async move {
+        let node = node(&args.runtime, "0.0.0.0").await?;
+        let registry = prometheus::Registry::new();
+        let id = new_instance_id();
+        let service = GlobalRouter::start(
+            &node,
+            &args.runtime.namespace,
+            &args.component_name,
+            id,
+            GlobalRouterConfig {
+                pools,
+                model_name: args.model_name.clone(),
+                default_ttft_target: args.default_ttft_target,
+                default_itl_target: args.default_itl_target,
+            },
+            &registry,
+        )
+        .await?;
+        println!(
+            "kvrouter global-router: instance {id} serving {} and {} for model {}",
+            service.generate.instance.endpoint, service.prefill.instance.endpoint, args.model_name
+        );
+        shutdown_signal().await;
+        Ok(())
     })
 }

@@ -44,11 +44,17 @@ fn unknown_value_from_env_exits_2() {
 }
 
 #[test]
-fn valid_service_config_is_dumped_then_reported_not_built() {
+fn valid_service_config_is_dumped_and_checked_without_starting() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("resolved.json");
     let out = kvrouter()
-        .args(["router", "--block-size", "32", "--dump-config-to"])
+        .args([
+            "router",
+            "--block-size",
+            "32",
+            "--check-config",
+            "--dump-config-to",
+        ])
         .arg(&path)
         .env("DYN_ENDPOINT", "ns.prefill.generate")
         .env("DYN_ROUTER_TEMPERATURE", "0.25")
@@ -56,11 +62,11 @@ fn valid_service_config_is_dumped_then_reported_not_built() {
         .unwrap();
     assert_eq!(
         out.status.code(),
-        Some(3),
+        Some(0),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not built yet"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the configuration is valid"));
     let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     assert_eq!(doc["kv_router_config"]["router_temperature"], 0.25);
     assert_eq!(doc["settings"]["block_size"], 32);

@@ -133,6 +133,9 @@ pub struct RuntimeArgs {
     /// Write the resolved configuration (with where each value came from) as JSON.
     #[arg(long, value_name = "FILE", help_heading = "Runtime")]
     pub dump_config_to: Option<PathBuf>,
+    /// Validate the configuration (and write `--dump-config-to`), then exit without starting.
+    #[arg(long, help_heading = "Runtime")]
+    pub check_config: bool,
 }
 
 /// The KV router's knobs (`KvRouterConfig`).

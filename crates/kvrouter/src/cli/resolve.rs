@@ -230,7 +230,24 @@ impl Parsed {
             Command::GlobalRouter(a) => {
                 let sub = "global-router";
                 runtime_problems(sub, &a.runtime, &mut p);
-                must_exist(sub, "config", Some(&a.config), &mut p);
+                if a.config.exists() {
+                    // Every rule the pool configuration breaks, each under --config.
+                    match kvrouter_router::global::PoolConfig::load(&a.config) {
+                        Ok(_) => {}
+                        Err(kvrouter_router::global::PoolConfigError::Invalid(v)) => {
+                            p.extend(v.into_iter().map(|m| Problem {
+                                flags: vec![flag(sub, "config")],
+                                message: m,
+                            }))
+                        }
+                        Err(e) => p.push(Problem {
+                            flags: vec![flag(sub, "config")],
+                            message: e.to_string(),
+                        }),
+                    }
+                } else {
+                    must_exist(sub, "config", Some(&a.config), &mut p);
+                }
                 for (id, v) in [
                     ("default_ttft_target", a.default_ttft_target),
                     ("default_itl_target", a.default_itl_target),

@@ -18,7 +18,7 @@ fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
 fn base(sub: &str) -> Vec<&'static str> {
     match sub {
         "router" => vec!["--endpoint", "dynamo.backend.generate"],
-        "global-router" => vec!["--config", "Cargo.toml", "--model-name", "m"],
+        "global-router" => vec!["--config", "tests/pools.json", "--model-name", "m"],
         "sim" => vec!["--trace", "Cargo.toml"],
         _ => vec![],
     }
@@ -70,6 +70,13 @@ fn flag_rows() -> Vec<(
     Value,
 )> {
     vec![
+        (
+            "check_config",
+            "frontend",
+            vec!["--check-config"],
+            "check_config",
+            json!(true),
+        ),
         (
             "http_host",
             "frontend",
@@ -360,9 +367,9 @@ fn flag_rows() -> Vec<(
         (
             "config",
             "global-router",
-            vec!["--config", "src/main.rs"],
+            vec!["--config", "../../examples/global-router-pools.json"],
             "config",
-            json!("src/main.rs"),
+            json!("../../examples/global-router-pools.json"),
         ),
         (
             "component_name",
@@ -888,4 +895,48 @@ fn router_endpoint_and_required_flags_come_from_env_too() {
     let parsed = parse(["kvrouter", "router"], &e).expect("endpoint from env");
     let r = parsed.resolve().unwrap();
     assert_eq!(r.settings["endpoint"], json!("ns.worker.generate"));
+}
+
+#[test]
+fn global_router_config_violations_are_all_reported() {
+    let dir = std::env::temp_dir().join(format!("kvr-pools-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.json");
+    let mut cfg: Value = serde_json::from_str(include_str!(
+        "../../../../examples/global-router-pools.json"
+    ))
+    .unwrap();
+    cfg["num_decode_pools"] = json!(3);
+    cfg["prefill_pool_selection_strategy"]["prefill_pool_mapping"] = json!([[0, 4]]);
+    std::fs::write(&bad, cfg.to_string()).unwrap();
+    let parsed = parse(
+        vec![
+            "kvrouter",
+            "global-router",
+            "--model-name",
+            "m",
+            "--config",
+            bad.to_str().unwrap(),
+        ],
+        &env(&[]),
+    )
+    .unwrap();
+    let problems = parsed.resolve().unwrap_err();
+    let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+    let text = text.join("\n");
+    assert!(
+        text.contains("num_decode_pools is 3 but decode_pool_dynamo_namespaces has 2"),
+        "{text}"
+    );
+    assert!(text.contains("has 1 rows, the resolution says 4"), "{text}");
+    assert!(
+        text.contains("mapping[0][1] = 4 is not a pool (0..1)"),
+        "{text}"
+    );
+    assert!(
+        problems
+            .iter()
+            .all(|p| p.flags == vec!["--config".to_string()])
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }
