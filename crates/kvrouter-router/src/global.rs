@@ -170,7 +170,7 @@ impl PoolConfig {
         if s.isl_max <= s.isl_min {
             p.push("prefill strategy: isl_max must exceed isl_min".into());
         }
-        if !(s.ttft_max > s.ttft_min) {
+        if s.ttft_max.partial_cmp(&s.ttft_min) != Some(std::cmp::Ordering::Greater) {
             p.push("prefill strategy: ttft_max must exceed ttft_min".into());
         }
         check_grid(
@@ -185,7 +185,7 @@ impl PoolConfig {
         if d.context_length_max <= d.context_length_min {
             p.push("decode strategy: context_length_max must exceed context_length_min".into());
         }
-        if !(d.itl_max > d.itl_min) {
+        if d.itl_max.partial_cmp(&d.itl_min) != Some(std::cmp::Ordering::Greater) {
             p.push("decode strategy: itl_max must exceed itl_min".into());
         }
         check_grid(
