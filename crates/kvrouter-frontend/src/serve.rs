@@ -163,6 +163,7 @@ impl Embedded {
             vocab: pre.ordinary_tokens(),
             eos_probability: cfg.eos_probability,
             context_length: pre.context_length(),
+            durable_kv_events: false,
         };
         let mut me = Self {
             frontend,

@@ -29,7 +29,7 @@ use kvrouter_core::llm::{
 };
 use kvrouter_core::protocols::RouterEvent;
 use kvrouter_runtime::endpoint::{EndpointId, InstanceId, WorkerMetadata};
-use kvrouter_runtime::events::EventPlane;
+use kvrouter_runtime::events::{DurableEvents, EventPlane};
 use kvrouter_runtime::node::{Node, ServeError, Served};
 use kvrouter_runtime::request::Handler;
 use rand::rngs::StdRng;
@@ -59,6 +59,9 @@ pub struct WorkerConfig {
     pub eos_probability: f64,
     /// Context window in tokens: prompt plus output never exceed it.
     pub context_length: u32,
+    /// Publish KV events to the JetStream stream, waiting for each
+    /// acknowledgement (`--durable-kv-events`; needs NATS).
+    pub durable_kv_events: bool,
 }
 
 /// A running mock worker; dropping it deregisters and stops its engines.
@@ -111,6 +114,19 @@ pub async fn start(
     let ranks = cfg.data_parallel_size.max(1);
     let events_subject = endpoint.subject("kv-events");
     let load_subject = format!("namespace.{}.kv_metrics", endpoint.namespace);
+    let durable = if cfg.durable_kv_events {
+        let client = node
+            .nats
+            .clone()
+            .ok_or_else(|| ServeError::Nats("--durable-kv-events needs NATS (JetStream)".into()))?;
+        Some(
+            kvrouter_runtime::events::open_kv_stream(client, endpoint)
+                .await
+                .map_err(|e| ServeError::Nats(e.to_string()))?,
+        )
+    } else {
+        None
+    };
     let mut tx = Vec::new();
     for r in 0..ranks {
         let (t, rx) = mpsc::unbounded_channel();
@@ -121,6 +137,7 @@ pub async fn start(
             id,
             rx,
             node.events.clone(),
+            durable.clone(),
             events_subject.clone(),
             load_subject.clone(),
             cancel.clone(),
@@ -159,6 +176,7 @@ async fn rank_loop(
     worker_id: InstanceId,
     mut rx: mpsc::UnboundedReceiver<Command>,
     events: Arc<dyn EventPlane>,
+    durable: Option<DurableEvents>,
     events_subject: String,
     load_subject: String,
     cancel: CancellationToken,
@@ -206,8 +224,12 @@ async fn rank_loop(
         }
         for ev in step.events {
             let msg = RouterEvent::new(worker_id, ev);
-            let bytes = serde_json::to_vec(&msg).expect("events serialize");
-            if let Err(e) = events.publish(&events_subject, Bytes::from(bytes)).await {
+            let bytes = Bytes::from(serde_json::to_vec(&msg).expect("events serialize"));
+            let published = match &durable {
+                Some(stream) => stream.publish(bytes).await.map(|_| ()),
+                None => events.publish(&events_subject, bytes).await,
+            };
+            if let Err(e) = published {
                 tracing::warn!(error = %e, "KV event not published");
             }
         }

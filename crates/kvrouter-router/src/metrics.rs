@@ -43,6 +43,8 @@ pub struct RouterMetrics {
     pub worker_requests: IntGaugeVec,
     /// `dynamo_component_router_worker_selected_total{worker_id}`.
     pub selected: IntCounterVec,
+    /// `dynamo_kvrouter_index_snapshots_total`: snapshots uploaded (durable mode).
+    pub snapshots: prometheus::IntCounter,
 }
 
 fn hist(name: &str, help: &str, buckets: &[f64]) -> Histogram {
@@ -139,6 +141,10 @@ impl RouterMetrics {
                 ),
                 &["worker_id"],
             )?,
+            snapshots: prometheus::IntCounter::new(
+                "dynamo_kvrouter_index_snapshots_total",
+                "Index snapshots uploaded to the object store (durable KV events)",
+            )?,
         };
         registry.register(Box::new(m.block_hashing_ms.clone()))?;
         registry.register(Box::new(m.find_matches_ms.clone()))?;
@@ -154,6 +160,7 @@ impl RouterMetrics {
         registry.register(Box::new(m.worker_prefill_tokens.clone()))?;
         registry.register(Box::new(m.worker_requests.clone()))?;
         registry.register(Box::new(m.selected.clone()))?;
+        registry.register(Box::new(m.snapshots.clone()))?;
         Ok(m)
     }
 

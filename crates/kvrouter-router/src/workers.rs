@@ -81,8 +81,19 @@ impl WorkerPool {
         router: Arc<KvRouter>,
         cancel: CancellationToken,
     ) -> Result<Arc<Self>, String> {
+        // Durable mode consumes the JetStream stream instead of the plain subject.
+        if router.config().use_kv_events && router.config().durable_kv_events {
+            let client = node
+                .nats
+                .clone()
+                .ok_or("--durable-kv-events needs NATS (JetStream): use --event-plane nats")?;
+            let name = format!("router-{}", kvrouter_runtime::node::new_instance_id());
+            crate::durable::start(client, &endpoint, router.clone(), name, cancel.clone())
+                .await
+                .map_err(|e| format!("durable KV events: {e}"))?;
+        }
         // Subscribe before watching so no event of a new worker is missed.
-        let mut events = if router.config().use_kv_events {
+        let mut events = if router.config().use_kv_events && !router.config().durable_kv_events {
             Some(
                 node.events
                     .subscribe(&kv_events_subject(&endpoint))

@@ -33,6 +33,7 @@ async fn pool(node: &Node, ns: &str, id: u64) -> (MockWorker, StandaloneRouter) 
         vocab: 3..4000,
         eos_probability: 0.0,
         context_length: 32_768,
+        durable_kv_events: false,
     };
     let worker = service::start(node, &endpoint, id, cfg).await.unwrap();
     let router = KvRouter::new(

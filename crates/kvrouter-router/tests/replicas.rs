@@ -75,6 +75,7 @@ async fn run(sync: bool) -> (usize, usize) {
         vocab: 3..4000,
         eos_probability: 0.0,
         context_length: 32_768,
+        durable_kv_events: false,
     };
     let _w1 = service::start(&node, &endpoint, 1, cfg.clone())
         .await

@@ -20,3 +20,6 @@ pub mod events;
 pub mod node;
 pub mod request;
 pub mod testing;
+
+/// The NATS client the planes use (re-exported so services share its version).
+pub use async_nats;

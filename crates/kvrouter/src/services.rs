@@ -289,6 +289,7 @@ pub fn mocker(args: &MockerArgs) -> anyhow::Result<()> {
             vocab: pre.ordinary_tokens(),
             eos_probability: EOS_PROBABILITY,
             context_length: pre.context_length(),
+            durable_kv_events: args.durable_kv_events,
         };
         let mut workers = Vec::new();
         for _ in 0..args.num_workers {

@@ -15,6 +15,54 @@ use futures::{StreamExt, TryStreamExt};
 use tokio::io::AsyncReadExt;
 
 use super::EventError;
+use crate::endpoint::EndpointId;
+
+// Naming of the KV-event stream shared by workers (publishers) and routers
+// (consumers, snapshots), as the reference names them.
+
+/// The snapshot object's name.
+pub const SNAPSHOT_OBJECT: &str = "radix-state";
+/// How long the stream keeps events (the reference's retention).
+pub const RETENTION: Duration = Duration::from_secs(3600);
+
+/// `.` and `_` become `-` (JetStream names).
+pub fn slug(s: &str) -> String {
+    s.replace(['.', '_'], "-")
+}
+
+/// The stream, its subject and the snapshot bucket of an endpoint's KV events.
+pub struct DurableNames {
+    /// Subject the workers publish on.
+    pub subject: String,
+    /// Stream name.
+    pub stream: String,
+    /// Object-store bucket.
+    pub bucket: String,
+}
+
+impl DurableNames {
+    /// The names for `endpoint`'s component.
+    pub fn of(endpoint: &EndpointId) -> Self {
+        let subject = endpoint.subject("kv-events");
+        Self {
+            stream: slug(&subject),
+            bucket: slug(&format!(
+                "namespace.{}.component.{}-radix-bucket",
+                endpoint.namespace, endpoint.component
+            )),
+            subject,
+        }
+    }
+}
+
+/// Opens the stream an endpoint's workers publish to (creating it if needed).
+pub async fn open_kv_stream(
+    client: async_nats::Client,
+    endpoint: &EndpointId,
+) -> Result<DurableEvents, EventError> {
+    let n = DurableNames::of(endpoint);
+    DurableEvents::open(client, &n.stream, &n.subject, RETENTION).await
+}
 
 fn err(e: impl std::fmt::Display) -> EventError {
     EventError::Nats(e.to_string())

@@ -17,7 +17,10 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 
 pub use inproc::InProcEvents;
-pub use jetstream::{Delivery, DurableConsumer, DurableEvents, SnapshotStore};
+pub use jetstream::{
+    Delivery, DurableConsumer, DurableEvents, DurableNames, RETENTION, SNAPSHOT_OBJECT,
+    SnapshotStore, open_kv_stream, slug,
+};
 pub use nats::{NatsEvents, nats_url};
 pub use zmq::{ZmqMessage, ZmqPublisher, ZmqSubscriber};
 

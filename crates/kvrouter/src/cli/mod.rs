@@ -175,6 +175,9 @@ pub struct MockerArgs {
     /// Engines in this process.
     #[arg(long, default_value_t = 1)]
     pub num_workers: u32,
+    /// Publish KV events to a JetStream stream (routers must use it too).
+    #[arg(long, visible_alias = "router-durable-kv-events")]
+    pub durable_kv_events: bool,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub runtime: RuntimeArgs,

@@ -300,7 +300,15 @@ impl Parsed {
                 put(
                     json!({"enable_prefix_caching": a.engine.enable_prefix_caching(), "enable_chunked_prefill": a.engine.enable_chunked_prefill()}),
                 );
-                put(json!({"endpoint": a.endpoint, "num_workers": a.num_workers}));
+                put(
+                    json!({"endpoint": a.endpoint, "num_workers": a.num_workers, "durable_kv_events": a.durable_kv_events}),
+                );
+                if a.durable_kv_events && a.runtime.event_plane != super::args::EventPlane::Nats {
+                    p.push(Problem {
+                        flags: vec![flag(sub, "durable_kv_events"), flag(sub, "event_plane")],
+                        message: "durable KV events live in a NATS JetStream stream: use --event-plane nats".into(),
+                    });
+                }
                 put(json!(a.runtime));
                 (
                     sub,
