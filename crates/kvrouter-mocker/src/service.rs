@@ -132,16 +132,13 @@ pub async fn start(
         let (t, rx) = mpsc::unbounded_channel();
         tx.push(t);
         let engine = Engine::new(cfg.engine, id, r);
-        tokio::spawn(rank_loop(
-            engine,
-            id,
-            rx,
-            node.events.clone(),
-            durable.clone(),
-            events_subject.clone(),
-            load_subject.clone(),
-            cancel.clone(),
-        ));
+        let publisher = Publisher {
+            events: node.events.clone(),
+            durable: durable.clone(),
+            events_subject: events_subject.clone(),
+            load_subject: load_subject.clone(),
+        };
+        tokio::spawn(rank_loop(engine, id, rx, publisher, cancel.clone()));
     }
     let handler = Arc::new(Ranks {
         worker_id: id,
@@ -171,16 +168,28 @@ pub async fn start(
     })
 }
 
+/// Where a rank's KV events and load go.
+struct Publisher {
+    events: Arc<dyn EventPlane>,
+    /// The JetStream stream, in durable mode.
+    durable: Option<DurableEvents>,
+    events_subject: String,
+    load_subject: String,
+}
+
 async fn rank_loop(
     mut engine: Engine,
     worker_id: InstanceId,
     mut rx: mpsc::UnboundedReceiver<Command>,
-    events: Arc<dyn EventPlane>,
-    durable: Option<DurableEvents>,
-    events_subject: String,
-    load_subject: String,
+    publisher: Publisher,
     cancel: CancellationToken,
 ) {
+    let Publisher {
+        events,
+        durable,
+        events_subject,
+        load_subject,
+    } = publisher;
     let mut outputs: HashMap<u64, mpsc::UnboundedSender<TokenOutput>> = HashMap::new();
     // Simulated time runs ahead of the wall clock by less than one pass.
     let mut clock = Instant::now();
