@@ -187,7 +187,14 @@ impl StandaloneRouter {
         id: InstanceId,
         pool: Arc<WorkerPool>,
     ) -> Result<Self, ServeError> {
-        let meta = json!({"kind": "router", "worker_endpoint": pool.endpoint()});
+        // Readable as worker metadata, so a frontend can route to routers
+        // (`--router-endpoint`) with the same pool it uses for workers.
+        let meta = json!({
+            "kind": "router", "worker_endpoint": pool.endpoint(),
+            "model_name": "", "block_size": pool.router().block_size(),
+            "total_kv_blocks": 0, "max_num_seqs": 0, "max_num_batched_tokens": 0,
+            "data_parallel_size": 1,
+        });
         let generate = node
             .serve(
                 &router_endpoint(namespace, "generate"),

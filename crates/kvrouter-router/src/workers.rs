@@ -237,7 +237,9 @@ impl WorkerPool {
             DiscoveryEvent::Added(instance) => {
                 match serde_json::from_value::<WorkerMetadata>(instance.metadata.clone()) {
                     Ok(meta) => {
-                        if meta.block_size as usize != self.router.block_size() {
+                        if self.router.mode() == kvrouter_core::RouterMode::Kv
+                            && meta.block_size as usize != self.router.block_size()
+                        {
                             tracing::warn!(
                                 worker = instance.id,
                                 worker_block_size = meta.block_size,

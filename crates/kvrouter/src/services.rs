@@ -210,9 +210,15 @@ pub fn frontend(
     let pre = preprocessor(&args.model, args.runtime.custom_jinja_template.as_deref())?;
     runtime()?.block_on(async move {
         let node = node(&args.runtime, "0.0.0.0").await?;
-        let endpoint = worker_endpoint(&args.runtime.namespace);
+        // Through a standalone or global router, the frontend only spreads
+        // requests over the router instances; they pick the workers.
+        let (endpoint, delegated) = match &args.routing.router_endpoint {
+            Some(e) => (e.parse::<EndpointId>().map_err(anyhow::Error::msg)?, true),
+            None => (worker_endpoint(&args.runtime.namespace), false),
+        };
         // Without --model-name or a block size, take them from the first worker.
-        let first = if args.model.model_name.is_none() || args.routing.kv_cache_block_size.is_none()
+        let first = if !delegated
+            && (args.model.model_name.is_none() || args.routing.kv_cache_block_size.is_none())
         {
             eprintln!("kvrouter frontend: waiting for a worker on {endpoint} …");
             let mut watch = node.discovery.watch(&endpoint).await?;
@@ -235,20 +241,33 @@ pub fn frontend(
             .model_name
             .clone()
             .or_else(|| first.as_ref().map(|m| m.model_name.clone()))
-            .expect("waited for a worker");
+            .unwrap_or_else(|| "mock-model".into());
         let block_size = args
             .routing
             .kv_cache_block_size
             .or_else(|| first.as_ref().map(|m| m.block_size))
-            .expect("waited for a worker");
+            .unwrap_or(64);
+        let mode = if delegated {
+            RouterMode::RoundRobin
+        } else {
+            args.routing.router_mode
+        };
+        let kv = if delegated {
+            KvRouterConfig {
+                use_kv_events: false,
+                ..kv
+            }
+        } else {
+            kv
+        };
         let listener = bind(&args.http.http_host, args.http.http_port).await?;
         let mut handle = start_frontend(
             node,
-            endpoint,
+            endpoint.clone(),
             model.clone(),
             pre,
             RoutingConfig {
-                mode: args.routing.router_mode,
+                mode,
                 kv,
                 thresholds,
                 block_size,
@@ -258,9 +277,14 @@ pub fn frontend(
         )
         .await
         .map_err(anyhow::Error::msg)?;
+        let how = if delegated {
+            format!("routed by {endpoint}")
+        } else {
+            format!("router mode {mode}")
+        };
         println!(
-            "kvrouter frontend: OpenAI API on http://{} — model {model}, router mode {}",
-            handle.addr, args.routing.router_mode
+            "kvrouter frontend: OpenAI API on http://{} — model {model}, {how}",
+            handle.addr
         );
         tokio::select! {
             _ = shutdown_signal() => {}
@@ -303,6 +327,43 @@ pub fn mocker(args: &MockerArgs) -> anyhow::Result<()> {
     })
 }
 
+/// Serves `registry` at `http://0.0.0.0:$DYN_SYSTEM_PORT/metrics` when that
+/// variable is set (as Dynamo's components do; unset or -1 means off).
+async fn system_metrics(registry: prometheus::Registry) -> anyhow::Result<()> {
+    let Some(port) = env("DYN_SYSTEM_PORT") else {
+        return Ok(());
+    };
+    let port: i32 = port
+        .parse()
+        .with_context(|| format!("DYN_SYSTEM_PORT={port:?} is not a port"))?;
+    if port < 0 {
+        return Ok(());
+    }
+    let listener = bind("0.0.0.0", port as u16).await?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let registry = registry.clone();
+            async move {
+                use prometheus::Encoder;
+                let mut buf = Vec::new();
+                let _ = prometheus::TextEncoder::new().encode(&registry.gather(), &mut buf);
+                buf
+            }
+        }),
+    );
+    eprintln!(
+        "metrics on http://{}/metrics",
+        listener.local_addr().context("metrics listener")?
+    );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    });
+    Ok(())
+}
+
 /// `kvrouter router`: the standalone router for `--endpoint`'s workers.
 pub fn router(args: &RouterArgs, kv: KvRouterConfig) -> anyhow::Result<()> {
     init_tracing();
@@ -326,6 +387,7 @@ pub fn router(args: &RouterArgs, kv: KvRouterConfig) -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)?;
         let id = new_instance_id();
         let service = StandaloneRouter::start(&node, &args.runtime.namespace, id, pool).await?;
+        system_metrics(registry).await?;
         println!(
             "kvrouter router: instance {id} serving {} and {} for {endpoint} (block size {})",
             service.generate.instance.endpoint,
@@ -429,6 +491,7 @@ pub fn global_router(args: &GlobalRouterArgs) -> anyhow::Result<()> {
             &registry,
         )
         .await?;
+        system_metrics(registry).await?;
         println!(
             "kvrouter global-router: instance {id} serving {} and {} for model {}",
             service.generate.instance.endpoint, service.prefill.instance.endpoint, args.model_name

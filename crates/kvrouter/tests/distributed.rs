@@ -142,3 +142,105 @@ fn standalone_router_serves_generate_and_best_worker_id() {
         .unwrap();
     assert_eq!(out.status.code(), Some(3));
 }
+
+/// `kvrouter frontend --router-endpoint`: the OpenAI API in front of a
+/// standalone router, each a process of its own.
+#[test]
+fn frontend_routes_through_a_standalone_router() {
+    use std::io::BufRead;
+    let mut f = Fleet::start();
+    f.spawn(&[
+        "mocker",
+        "--endpoint",
+        "front.backend.generate",
+        "--num-workers",
+        "2",
+        "--speedup-ratio",
+        "50",
+        "--namespace",
+        "front",
+    ]);
+    let metrics_port = kvrouter_runtime::testing::free_port();
+    let router = f
+        .cmd(&[
+            "router",
+            "--endpoint",
+            "front.backend.generate",
+            "--block-size",
+            "64",
+            "--namespace",
+            "front",
+        ])
+        .env("DYN_SYSTEM_PORT", metrics_port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    f.children.push(router);
+    let mut frontend = f
+        .cmd(&[
+            "frontend",
+            "--router-endpoint",
+            "front.router.generate",
+            "--namespace",
+            "front",
+            "--http-host",
+            "127.0.0.1",
+            "--http-port",
+            "0",
+            "--model-name",
+            "mock-model",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(frontend.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    f.children.push(frontend);
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let long = "a shared system prompt about routing ".repeat(60);
+    rt.block_on(async {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // The router instance may register a moment after the frontend starts.
+        let v: Value = loop {
+            let r = client
+                .post(format!("{url}/v1/chat/completions"))
+                .json(&json!({"model": "mock-model", "max_tokens": 4,
+                              "messages": [{"role": "user", "content": long}]}))
+                .send()
+                .await
+                .unwrap();
+            if r.status() == 200 {
+                break r.json().await.unwrap();
+            }
+            assert!(Instant::now() < deadline, "never served: {}", r.status());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert_eq!(v["usage"]["completion_tokens"], 4, "{v}");
+        // The standalone router made the decision: its own metrics count it.
+        let metrics = client
+            .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            metrics.contains(
+                "dynamo_component_router_requests_total{router_mode=\"kv\",status=\"ok\"} 1"
+            ),
+            "{metrics}"
+        );
+        assert!(metrics.contains("dynamo_routing_overhead_total_ms_count 1"));
+    });
+}

@@ -307,6 +307,10 @@ pub struct RoutingArgs {
     /// Refuse aggregated serving when a prefill pool exists but is down.
     #[arg(long, help_heading = "Routing")]
     pub enforce_disagg: bool,
+    /// Route through this standalone or global router (`ns.router.generate`,
+    /// `ns.global_router.generate`) instead of the frontend's own KV router.
+    #[arg(long, value_name = "ENDPOINT", help_heading = "Routing")]
+    pub router_endpoint: Option<String>,
 }
 
 /// The simulated engine (`mocker`, `serve`).

@@ -517,6 +517,14 @@ fn frontend_settings(
             message: format!("must be at least 2, got {bs}"),
         });
     }
+    if let Some(e) = &a.routing.router_endpoint
+        && !valid_endpoint(e)
+    {
+        p.push(Problem {
+            flags: vec![flag(sub, "router_endpoint")],
+            message: format!("{e:?} is not namespace.component.endpoint"),
+        });
+    }
     let groups = vec![
         json!(a.http),
         json!(a.model),

@@ -120,6 +120,13 @@ fn flag_rows() -> Vec<(
             json!(32),
         ),
         (
+            "router_endpoint",
+            "frontend",
+            vec!["--router-endpoint", "pool.router.generate"],
+            "router_endpoint",
+            json!("pool.router.generate"),
+        ),
+        (
             "migration_limit",
             "frontend",
             vec!["--migration-limit", "3"],
