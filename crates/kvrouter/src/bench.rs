@@ -25,6 +25,8 @@ pub enum BenchCommand {
     Index(IndexArgs),
     /// Replay a Mooncake trace as open-loop HTTP load against an OpenAI endpoint.
     Http(crate::loadgen::HttpArgs),
+    /// `best_worker_id` round trips over TCP against an indexed trace, and snapshot recovery.
+    Router(crate::bench_router::RouterBenchArgs),
 }
 
 /// Which index implementation to replay against.
@@ -58,6 +60,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCommand::Index(args) => bench_index(args),
         BenchCommand::Http(args) => crate::loadgen::run(args),
+        BenchCommand::Router(args) => crate::bench_router::run(args),
     }
 }
 

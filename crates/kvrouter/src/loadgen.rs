@@ -53,7 +53,8 @@ pub struct HttpArgs {
     pub no_progress: bool,
 }
 
-fn tokens_of_block(id: u64, out: &mut Vec<u32>, n: usize) {
+/// `n` deterministic tokens for trace block `id`.
+pub fn tokens_of_block(id: u64, out: &mut Vec<u32>, n: usize) {
     // Deterministic tokens per block id, in the built-in tokenizer's ordinary range.
     let mut x = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5eed;
     for _ in 0..n {
