@@ -25,6 +25,7 @@ use kvrouter_core::busy::LoadThresholds;
 use kvrouter_core::llm::{
     FinishReason, PreprocessedRequest, RoutingHints, SamplingOptions, StopConditions,
 };
+use kvrouter_router::disagg::PrefillClient;
 use kvrouter_router::{GenerateStream, WorkerPool};
 use kvrouter_runtime::endpoint::WorkerMetadata;
 use prometheus::{Encoder, Registry, TextEncoder};
@@ -64,6 +65,8 @@ pub struct Frontend {
     created: u64,
     ids: AtomicU64,
     salt: u64,
+    /// Disaggregated serving: the prefill pool's router, and whether it is required.
+    prefill: Option<(PrefillClient, bool)>,
 }
 
 impl Frontend {
@@ -73,6 +76,7 @@ impl Frontend {
         pre: Arc<Preprocessor>,
         pool: Arc<WorkerPool>,
         registry: Registry,
+        prefill: Option<(PrefillClient, bool)>,
     ) -> prometheus::Result<Arc<Self>> {
         let metrics = FrontendMetrics::new(&registry)?;
         let now = SystemTime::now()
@@ -87,6 +91,7 @@ impl Frontend {
             created: now.as_secs(),
             ids: AtomicU64::new(1),
             salt: (now.as_nanos() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            prefill,
         }))
     }
 
@@ -561,6 +566,25 @@ async fn respond(
         .isl
         .with_label_values(&model)
         .observe(job.request.token_ids.len() as f64);
+    let mut job = job;
+    if let Some((prefill, required)) = &s.prefill {
+        match prefill.prefill(&job.request, &id).await {
+            Ok(result) => job.request.prefill_result = Some(result),
+            Err(e) if *required => {
+                let mut err = ApiError::from(e);
+                err.status = StatusCode::SERVICE_UNAVAILABLE;
+                err.message = format!(
+                    "prefill via {} failed and --enforce-disagg is set: {}",
+                    prefill.endpoint(),
+                    err.message
+                );
+                return err.into_response();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "prefill pool unavailable; serving aggregated");
+            }
+        }
+    }
     let routed = match s.pool.generate(&job.request, &id).await {
         Ok(r) => r,
         Err(e) => {

@@ -10,6 +10,7 @@ use kvrouter_core::busy::LoadThresholds;
 use kvrouter_core::{KvRouterConfig, RouterMode};
 use kvrouter_mocker::engine::EngineConfig;
 use kvrouter_mocker::service::{self, MockWorker, WorkerConfig};
+use kvrouter_router::disagg::PrefillClient;
 use kvrouter_router::{KvRouter, RouterMetrics, WorkerPool};
 use kvrouter_runtime::discovery::MemDiscovery;
 use kvrouter_runtime::endpoint::{EndpointId, InstanceId};
@@ -34,6 +35,10 @@ pub struct RoutingConfig {
     pub thresholds: LoadThresholds,
     /// KV block size in tokens (must equal the workers').
     pub block_size: u32,
+    /// Disaggregated serving: the prefill pool's router.
+    pub prefill_endpoint: Option<EndpointId>,
+    /// Fail requests (503) instead of serving them aggregated when the prefill pool is down.
+    pub enforce_disagg: bool,
 }
 
 /// A running frontend.
@@ -79,8 +84,11 @@ pub async fn start_frontend(
         metrics,
     );
     let cancel = CancellationToken::new();
+    let prefill = routing
+        .prefill_endpoint
+        .map(|e| (PrefillClient::new(node.clone(), e), routing.enforce_disagg));
     let pool = WorkerPool::start(node, endpoint, router, cancel.child_token()).await?;
-    let frontend = Frontend::new(model, pre, pool, registry).map_err(|e| e.to_string())?;
+    let frontend = Frontend::new(model, pre, pool, registry, prefill).map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let token = cancel.clone();
     let server = tokio::spawn(run(
@@ -164,6 +172,7 @@ impl Embedded {
             eos_probability: cfg.eos_probability,
             context_length: pre.context_length(),
             durable_kv_events: false,
+            role: Default::default(),
         };
         let mut me = Self {
             frontend,

@@ -53,6 +53,8 @@ async fn start(s: Setup) -> Server {
             kv: s.kv,
             thresholds: s.thresholds,
             block_size: 64,
+            prefill_endpoint: None,
+            enforce_disagg: false,
         },
         endpoints: Endpoints::default(),
         namespace: "test".into(),

@@ -216,6 +216,40 @@ impl Engine {
         false
     }
 
+    /// Receives a prompt's KV from a prefill worker (disaggregated serving):
+    /// its full blocks enter the prefix cache as if computed here, published as
+    /// stored, so the request that follows prefills only its last token.
+    /// Stops early when the cache is full; returns the blocks now cached.
+    pub fn import_blocks(&mut self, blocks: &[FullBlock]) -> usize {
+        assert!(!self.planned, "import between passes only");
+        let names: Vec<u64> = blocks.iter().map(|b| b.seq).collect();
+        let cached = self.blocks.cached_prefix(&names);
+        let mut held: Vec<u64> = names[..cached].to_vec();
+        for h in &held {
+            self.blocks.acquire(*h);
+        }
+        let mut parent = cached.checked_sub(1).map(|i| names[i]);
+        let mut chain: Vec<FullBlock> = Vec::new();
+        for b in &blocks[cached..] {
+            if !self.blocks.allocate_partial() {
+                break;
+            }
+            if self.blocks.promote(b.seq) {
+                chain.push(*b);
+            } else {
+                self.blocks.record_stored(parent, &chain);
+                chain.clear();
+                parent = Some(b.seq);
+            }
+            held.push(b.seq);
+        }
+        self.blocks.record_stored(parent, &chain);
+        for h in held.iter().rev() {
+            self.blocks.release(*h);
+        }
+        held.len()
+    }
+
     /// Whether any request is queued or running.
     pub fn has_work(&self) -> bool {
         !self.waiting.is_empty() || !self.running.is_empty()

@@ -44,6 +44,20 @@ use crate::engine::{Engine, EngineConfig, EngineRequest, TokenOutput};
 /// Tokens generated when a request sets no `max_tokens`.
 pub const DEFAULT_MAX_TOKENS: u32 = 256;
 
+/// What a worker does in a disaggregated deployment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Role {
+    /// Prefill and decode (the default).
+    #[default]
+    Aggregated,
+    /// Prefill only: computes the prompt's KV, answers one token and the
+    /// parameters a decode worker needs (`disaggregated_params`).
+    Prefill,
+    /// Decode: a request carrying `prefill_result` receives the prompt's KV
+    /// (its blocks enter the cache) instead of computing it.
+    Decode,
+}
+
 /// A live mock worker's settings.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -62,6 +76,8 @@ pub struct WorkerConfig {
     /// Publish KV events to the JetStream stream, waiting for each
     /// acknowledgement (`--durable-kv-events`; needs NATS).
     pub durable_kv_events: bool,
+    /// Aggregated, prefill-only or decode.
+    pub role: Role,
 }
 
 /// A running mock worker; dropping it deregisters and stops its engines.
@@ -94,6 +110,8 @@ impl Drop for MockWorker {
 enum Command {
     Add(EngineRequest, mpsc::UnboundedSender<TokenOutput>),
     Abort(u64),
+    /// KV received from a prefill worker.
+    Import(Vec<FullBlock>),
 }
 
 struct Ranks {
@@ -265,7 +283,25 @@ fn apply(
             outputs.remove(&id);
             engine.abort(id);
         }
+        Command::Import(blocks) => {
+            let n = engine.import_blocks(&blocks);
+            tracing::debug!(blocks = n, "prefill KV received");
+        }
     }
+}
+
+fn prompt_blocks_of(
+    local: &[kvrouter_core::LocalBlockHash],
+    seq: &[kvrouter_core::SequenceHash],
+) -> Vec<FullBlock> {
+    local
+        .iter()
+        .zip(seq)
+        .map(|(l, s)| FullBlock {
+            seq: s.0,
+            local: l.0,
+        })
+        .collect()
 }
 
 /// Aborts the engine request when the response stream is dropped early.
@@ -295,6 +331,8 @@ struct Generation {
     prompt_tokens: u32,
     max_tokens: u32,
     cancel: CancellationToken,
+    /// On a prefill worker: the transfer parameters to answer with.
+    prefill_of: Option<serde_json::Value>,
 }
 
 impl Handler for Ranks {
@@ -326,20 +364,21 @@ impl Handler for Ranks {
         let bs = self.cfg.engine.block_size;
         let local = block_hashes(&req.token_ids, bs);
         let seq = sequence_hashes(&local);
-        let prompt_blocks = local
-            .iter()
-            .zip(&seq)
-            .map(|(l, s)| FullBlock {
-                seq: s.0,
-                local: l.0,
-            })
-            .collect();
+        let prompt_blocks = prompt_blocks_of(&local, &seq);
         let room = self.cfg.context_length - prompt;
-        let max_tokens = req
-            .stop_conditions
-            .max_tokens
-            .unwrap_or(DEFAULT_MAX_TOKENS)
-            .clamp(1, room.max(1));
+        let max_tokens = match self.cfg.role {
+            // A prefill worker's answer is the first token; decode continues elsewhere.
+            Role::Prefill => 1,
+            _ => req
+                .stop_conditions
+                .max_tokens
+                .unwrap_or(DEFAULT_MAX_TOKENS)
+                .clamp(1, room.max(1)),
+        };
+        if self.cfg.role != Role::Prefill && req.prefill_result.is_some() {
+            let blocks: Vec<FullBlock> = prompt_blocks_of(&local, &seq);
+            let _ = self.tx[rank].send(Command::Import(blocks));
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
         let engine_req = EngineRequest {
@@ -372,6 +411,13 @@ impl Handler for Ranks {
             prompt_tokens: prompt,
             max_tokens,
             cancel,
+            prefill_of: (self.cfg.role == Role::Prefill).then(|| {
+                serde_json::json!({
+                    "prefill_worker_id": self.worker_id,
+                    "dp_rank": rank,
+                    "kv_blocks": local.len(),
+                })
+            }),
         };
         futures::stream::unfold(Some(generation), |state| async move {
             let mut g = state?;
@@ -403,6 +449,9 @@ impl Handler for Ranks {
                 ..Default::default()
             };
             if finish.is_some() {
+                if g.prefill_of.is_some() {
+                    out.disaggregated_params = g.prefill_of.take();
+                }
                 out.completion_usage = Some(CompletionUsage {
                     prompt_tokens: g.prompt_tokens,
                     completion_tokens: generated,

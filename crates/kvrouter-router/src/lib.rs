@@ -6,11 +6,13 @@
 //!   event plane, and the routed call that streams a worker's outputs back.
 //! - [`standalone`]: the standalone router service (`{ns}.router.generate`,
 //!   `{ns}.router.best_worker_id`).
+//! - [`disagg`]: prefill through a prefill pool's router before decoding.
 //! - [`durable`]: durable KV events (JetStream consumer, snapshots, purge).
 //! - [`global`]: the global router (pool selection by size and latency target).
 //! - [`sync`]: active-sequence events shared by router replicas.
 //! - [`metrics`]: the router's Prometheus metrics under the reference names.
 
+pub mod disagg;
 pub mod durable;
 pub mod global;
 pub mod metrics;

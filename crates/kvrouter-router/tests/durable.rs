@@ -87,6 +87,7 @@ async fn restart_recovers_the_index_from_snapshot_and_stream() {
         eos_probability: 0.0,
         context_length: 32_768,
         durable_kv_events: true,
+        role: Default::default(),
     };
     let _w1 = service::start(&node, &endpoint, 1, cfg.clone())
         .await

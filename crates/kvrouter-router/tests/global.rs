@@ -34,6 +34,7 @@ async fn pool(node: &Node, ns: &str, id: u64) -> (MockWorker, StandaloneRouter) 
         eos_probability: 0.0,
         context_length: 32_768,
         durable_kv_events: false,
+        role: Default::default(),
     };
     let worker = service::start(node, &endpoint, id, cfg).await.unwrap();
     let router = KvRouter::new(

@@ -76,6 +76,7 @@ async fn run(sync: bool) -> (usize, usize) {
         eos_probability: 0.0,
         context_length: 32_768,
         durable_kv_events: false,
+        role: Default::default(),
     };
     let _w1 = service::start(&node, &endpoint, 1, cfg.clone())
         .await

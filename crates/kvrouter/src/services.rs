@@ -111,6 +111,8 @@ pub fn serve(
             kv,
             thresholds,
             block_size: args.engine.block_size,
+            prefill_endpoint: None,
+            enforce_disagg: false,
         },
         endpoints: endpoints(&f.runtime.endpoint_types),
         namespace: f.runtime.namespace.clone(),
@@ -271,6 +273,14 @@ pub fn frontend(
                 kv,
                 thresholds,
                 block_size,
+                prefill_endpoint: args
+                    .routing
+                    .prefill_router_endpoint
+                    .as_deref()
+                    .map(str::parse)
+                    .transpose()
+                    .map_err(anyhow::Error::msg)?,
+                enforce_disagg: args.routing.enforce_disagg,
             },
             endpoints(&args.runtime.endpoint_types),
             listener,
@@ -314,6 +324,7 @@ pub fn mocker(args: &MockerArgs) -> anyhow::Result<()> {
             eos_probability: EOS_PROBABILITY,
             context_length: pre.context_length(),
             durable_kv_events: args.durable_kv_events,
+            role: args.disaggregation_mode.into(),
         };
         let mut workers = Vec::new();
         for _ in 0..args.num_workers {

@@ -72,6 +72,28 @@ pub enum EndpointType {
     Completions,
 }
 
+/// A mock worker's part in disaggregated serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DisaggregationMode {
+    /// Prefill and decode.
+    Agg,
+    /// Prefill only (answers one token and the KV transfer parameters).
+    Prefill,
+    /// Decode (receives the prompt's KV from a prefill worker).
+    Decode,
+}
+
+impl From<DisaggregationMode> for kvrouter_mocker::service::Role {
+    fn from(m: DisaggregationMode) -> Self {
+        match m {
+            DisaggregationMode::Agg => Self::Aggregated,
+            DisaggregationMode::Prefill => Self::Prefill,
+            DisaggregationMode::Decode => Self::Decode,
+        }
+    }
+}
+
 /// Tool-call output parsers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -311,6 +333,10 @@ pub struct RoutingArgs {
     /// `ns.global_router.generate`) instead of the frontend's own KV router.
     #[arg(long, value_name = "ENDPOINT", help_heading = "Routing")]
     pub router_endpoint: Option<String>,
+    /// Disaggregated serving: prefill each request through this router
+    /// (`ns.router.generate` over prefill workers) before decoding.
+    #[arg(long, value_name = "ENDPOINT", help_heading = "Routing")]
+    pub prefill_router_endpoint: Option<String>,
 }
 
 /// The simulated engine (`mocker`, `serve`).

@@ -178,6 +178,9 @@ pub struct MockerArgs {
     /// Publish KV events to a JetStream stream (routers must use it too).
     #[arg(long, visible_alias = "router-durable-kv-events")]
     pub durable_kv_events: bool,
+    /// The workers' part in disaggregated serving.
+    #[arg(long, value_enum, default_value_t = args::DisaggregationMode::Agg)]
+    pub disaggregation_mode: args::DisaggregationMode,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub runtime: RuntimeArgs,

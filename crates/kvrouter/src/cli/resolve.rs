@@ -301,7 +301,7 @@ impl Parsed {
                     json!({"enable_prefix_caching": a.engine.enable_prefix_caching(), "enable_chunked_prefill": a.engine.enable_chunked_prefill()}),
                 );
                 put(
-                    json!({"endpoint": a.endpoint, "num_workers": a.num_workers, "durable_kv_events": a.durable_kv_events}),
+                    json!({"endpoint": a.endpoint, "num_workers": a.num_workers, "durable_kv_events": a.durable_kv_events, "disaggregation_mode": a.disaggregation_mode}),
                 );
                 if a.durable_kv_events && a.runtime.event_plane != super::args::EventPlane::Nats {
                     p.push(Problem {
@@ -517,13 +517,21 @@ fn frontend_settings(
             message: format!("must be at least 2, got {bs}"),
         });
     }
-    if let Some(e) = &a.routing.router_endpoint
-        && !valid_endpoint(e)
-    {
-        p.push(Problem {
-            flags: vec![flag(sub, "router_endpoint")],
-            message: format!("{e:?} is not namespace.component.endpoint"),
-        });
+    for (id, e) in [
+        ("router_endpoint", &a.routing.router_endpoint),
+        (
+            "prefill_router_endpoint",
+            &a.routing.prefill_router_endpoint,
+        ),
+    ] {
+        if let Some(e) = e
+            && !valid_endpoint(e)
+        {
+            p.push(Problem {
+                flags: vec![flag(sub, id)],
+                message: format!("{e:?} is not namespace.component.endpoint"),
+            });
+        }
     }
     let groups = vec![
         json!(a.http),

@@ -120,6 +120,20 @@ fn flag_rows() -> Vec<(
             json!(32),
         ),
         (
+            "prefill_router_endpoint",
+            "frontend",
+            vec!["--prefill-router-endpoint", "prefill.router.generate"],
+            "prefill_router_endpoint",
+            json!("prefill.router.generate"),
+        ),
+        (
+            "disaggregation_mode",
+            "mocker",
+            vec!["--disaggregation-mode", "prefill"],
+            "disaggregation_mode",
+            json!("prefill"),
+        ),
+        (
             "router_endpoint",
             "frontend",
             vec!["--router-endpoint", "pool.router.generate"],
