@@ -26,13 +26,8 @@ fn worker(role: Role) -> WorkerConfig {
             speedup_ratio: 50.0,
             ..EngineConfig::default()
         },
-        data_parallel_size: 1,
-        model_name: "mock-model".into(),
-        vocab: 3..4000,
-        eos_probability: 0.0,
-        context_length: 32_768,
-        durable_kv_events: false,
         role,
+        ..WorkerConfig::default()
     }
 }
 

@@ -10,7 +10,6 @@ use kvrouter_core::busy::LoadThresholds;
 use kvrouter_core::{KvRouterConfig, RouterMode};
 use kvrouter_frontend::serve::{FrontendHandle, RoutingConfig, start_frontend};
 use kvrouter_frontend::{Endpoints, Preprocessor};
-use kvrouter_mocker::engine::EngineConfig;
 use kvrouter_mocker::service::{self, WorkerConfig};
 use kvrouter_runtime::discovery::MemDiscovery;
 use kvrouter_runtime::endpoint::EndpointId;
@@ -81,16 +80,7 @@ async fn load_through_one_frontend_is_seen_by_the_other() {
         "127.0.0.1",
     );
     let endpoint: EndpointId = "sync.backend.generate".parse().unwrap();
-    let cfg = WorkerConfig {
-        engine: EngineConfig::default(),
-        data_parallel_size: 1,
-        model_name: "mock-model".into(),
-        vocab: 3..4000,
-        eos_probability: 0.0,
-        context_length: 32_768,
-        durable_kv_events: false,
-        role: Default::default(),
-    };
+    let cfg = WorkerConfig::default();
     let _w1 = service::start(&node, &endpoint, 1, cfg.clone())
         .await
         .unwrap();

@@ -80,6 +80,23 @@ pub struct WorkerConfig {
     pub role: Role,
 }
 
+impl Default for WorkerConfig {
+    /// The mocker's defaults: one rank, the built-in tokenizer's ordinary
+    /// tokens (ids 3..4096), EOS never sampled, a 32k context.
+    fn default() -> Self {
+        Self {
+            engine: EngineConfig::default(),
+            data_parallel_size: 1,
+            model_name: "mock-model".into(),
+            vocab: 3..4096,
+            eos_probability: 0.0,
+            context_length: 32_768,
+            durable_kv_events: false,
+            role: Role::Aggregated,
+        }
+    }
+}
+
 /// A running mock worker; dropping it deregisters and stops its engines.
 pub struct MockWorker {
     served: Option<Served>,

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use kvrouter_core::protocols::{ActiveLoad, decode_router_event};
+use kvrouter_core::protocols::{ActiveLoad, RouterEvent};
 use kvrouter_runtime::discovery::DiscoveryEvent;
 use kvrouter_runtime::endpoint::{EndpointId, Instance, InstanceId, WorkerMetadata};
 use kvrouter_runtime::node::{Node, Responses};
@@ -36,6 +36,40 @@ pub fn kv_events_subject(endpoint: &EndpointId) -> String {
 /// Subject of a namespace's load reports.
 pub fn kv_metrics_subject(namespace: &str) -> String {
     format!("namespace.{namespace}.kv_metrics")
+}
+
+/// Applies every decodable JSON message of `sub` with `apply` until `cancel`;
+/// the others are counted (`dynamo_kvrouter_kv_cache_events_rejected{reason}`),
+/// logged and skipped — corrupt input never stops the feed.
+fn spawn_decoding<T, F>(
+    mut sub: kvrouter_runtime::events::Subscription,
+    cancel: CancellationToken,
+    router: Arc<KvRouter>,
+    reason: &'static str,
+    apply: F,
+) where
+    T: serde::de::DeserializeOwned,
+    F: Fn(&KvRouter, T) + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            let msg = tokio::select! {
+                _ = cancel.cancelled() => break,
+                m = sub.next() => match m { Some(m) => m, None => break },
+            };
+            match serde_json::from_slice::<T>(&msg) {
+                Ok(v) => apply(&router, v),
+                Err(e) => {
+                    router
+                        .metrics()
+                        .events_rejected
+                        .with_label_values(&[reason])
+                        .inc();
+                    tracing::warn!(error = %e, bytes = msg.len(), reason, "undecodable message skipped");
+                }
+            }
+        }
+    });
 }
 
 /// Why a routed call failed.
@@ -103,7 +137,7 @@ impl WorkerPool {
         } else {
             None
         };
-        let mut loads = node
+        let loads = node
             .events
             .subscribe(&kv_metrics_subject(&endpoint.namespace))
             .await
@@ -122,50 +156,22 @@ impl WorkerPool {
             count,
             cancel: cancel.clone(),
         });
-        if let Some(mut events) = events.take() {
-            let p = pool.clone();
-            let c = cancel.clone();
-            tokio::spawn(async move {
-                loop {
-                    let msg = tokio::select! {
-                        _ = c.cancelled() => break,
-                        m = events.next() => match m { Some(m) => m, None => break },
-                    };
-                    match decode_router_event(&msg) {
-                        Ok(ev) => p.router.apply_event(&ev),
-                        Err(e) => {
-                            p.router
-                                .metrics()
-                                .events_rejected
-                                .with_label_values(&["decode"])
-                                .inc();
-                            tracing::warn!(error = %e, bytes = msg.len(), "undecodable KV event skipped");
-                        }
-                    }
-                }
-            });
+        if let Some(events) = events.take() {
+            spawn_decoding(
+                events,
+                cancel.clone(),
+                pool.router.clone(),
+                "decode",
+                |r, ev: RouterEvent| r.apply_event(&ev),
+            );
         }
-        let p = pool.clone();
-        let c = cancel.clone();
-        tokio::spawn(async move {
-            loop {
-                let msg = tokio::select! {
-                    _ = c.cancelled() => break,
-                    m = loads.next() => match m { Some(m) => m, None => break },
-                };
-                match serde_json::from_slice::<ActiveLoad>(&msg) {
-                    Ok(load) => p.router.observe_load(&load),
-                    Err(e) => {
-                        p.router
-                            .metrics()
-                            .events_rejected
-                            .with_label_values(&["load"])
-                            .inc();
-                        tracing::warn!(error = %e, "undecodable load report skipped");
-                    }
-                }
-            }
-        });
+        spawn_decoding(
+            loads,
+            cancel.clone(),
+            pool.router.clone(),
+            "load",
+            |r, load: ActiveLoad| r.observe_load(&load),
+        );
         if pool.router.config().router_replica_sync {
             pool.start_replica_sync(cancel.clone()).await?;
         }
@@ -185,7 +191,7 @@ impl WorkerPool {
     /// Publishes this router's active-sequence changes and applies the other replicas'.
     async fn start_replica_sync(self: &Arc<Self>, cancel: CancellationToken) -> Result<(), String> {
         let subject = self.endpoint.subject("active_sequences_events");
-        let mut incoming = self
+        let incoming = self
             .node
             .events
             .subscribe(&subject)
@@ -209,26 +215,13 @@ impl WorkerPool {
                 }
             }
         });
-        let p = self.clone();
-        tokio::spawn(async move {
-            loop {
-                let msg = tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    m = incoming.next() => match m { Some(m) => m, None => break },
-                };
-                match serde_json::from_slice::<ActiveSequenceEvent>(&msg) {
-                    Ok(ev) => p.router.apply_replica_event(&ev),
-                    Err(e) => {
-                        p.router
-                            .metrics()
-                            .events_rejected
-                            .with_label_values(&["active_sequences"])
-                            .inc();
-                        tracing::warn!(error = %e, "undecodable replica sync event skipped");
-                    }
-                }
-            }
-        });
+        spawn_decoding(
+            incoming,
+            cancel,
+            self.router.clone(),
+            "active_sequences",
+            |r, ev: ActiveSequenceEvent| r.apply_replica_event(&ev),
+        );
         Ok(())
     }
 

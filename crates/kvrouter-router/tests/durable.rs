@@ -81,13 +81,8 @@ async fn restart_recovers_the_index_from_snapshot_and_stream() {
             speedup_ratio: 100.0,
             ..EngineConfig::default()
         },
-        data_parallel_size: 1,
-        model_name: "m".into(),
-        vocab: 3..4000,
-        eos_probability: 0.0,
-        context_length: 32_768,
         durable_kv_events: true,
-        role: Default::default(),
+        ..WorkerConfig::default()
     };
     let _w1 = service::start(&node, &endpoint, 1, cfg.clone())
         .await

@@ -28,13 +28,7 @@ async fn pool(node: &Node, ns: &str, id: u64) -> (MockWorker, StandaloneRouter) 
             speedup_ratio: 50.0,
             ..EngineConfig::default()
         },
-        data_parallel_size: 1,
-        model_name: "m".into(),
-        vocab: 3..4000,
-        eos_probability: 0.0,
-        context_length: 32_768,
-        durable_kv_events: false,
-        role: Default::default(),
+        ..WorkerConfig::default()
     };
     let worker = service::start(node, &endpoint, id, cfg).await.unwrap();
     let router = KvRouter::new(

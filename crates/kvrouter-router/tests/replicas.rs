@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use kvrouter_core::busy::LoadThresholds;
 use kvrouter_core::llm::{PreprocessedRequest, StopConditions};
 use kvrouter_core::{KvRouterConfig, RouterMode};
-use kvrouter_mocker::engine::EngineConfig;
 use kvrouter_mocker::service::{self, WorkerConfig};
 use kvrouter_router::{KvRouter, RouteQuery, RouterMetrics, WorkerPool};
 use kvrouter_runtime::discovery::MemDiscovery;
@@ -68,16 +67,7 @@ async fn run(sync: bool) -> (usize, usize) {
         "127.0.0.1",
     );
     let endpoint: EndpointId = "rs.backend.generate".parse().unwrap();
-    let cfg = WorkerConfig {
-        engine: EngineConfig::default(),
-        data_parallel_size: 1,
-        model_name: "m".into(),
-        vocab: 3..4000,
-        eos_probability: 0.0,
-        context_length: 32_768,
-        durable_kv_events: false,
-        role: Default::default(),
-    };
+    let cfg = WorkerConfig::default();
     let _w1 = service::start(&node, &endpoint, 1, cfg.clone())
         .await
         .unwrap();
