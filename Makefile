@@ -34,6 +34,8 @@ bench-http:
 	./target/release/kvrouter bench http --url http://127.0.0.1:18181 --limit 6000 \
 	  --trace $(SHARED)/data/mooncake_conversation_trace.jsonl --speedup $(SPEEDUP) | tee -a $(OUT)/bench-http.jsonl; \
 	  status=$$?; kill $$(cat $(OUT)/bench-serve.pid); exit $$status
+	python3 tools/plot_bench_http.py $(OUT)/bench-http.jsonl $(OUT)/bench-http.svg
+	@echo "chart: $(OUT)/bench-http.svg"
 
 ## Replay the trace's KV events and lookups through the index alone (one JSON line).
 index: $(OUT)/conv.kvops
