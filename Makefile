@@ -24,6 +24,7 @@ sim:
 
 ## HTTP load: serve (8 mock workers, engines x1000) driven by an open-loop replay of the
 ## trace at SPEEDUP x its recorded rate (300 = ~950 requests/s); one JSON line per run.
+## The load generator runs niced so it does not preempt the server on a 2-core machine.
 SPEEDUP ?= 300
 bench-http:
 	$(CARGO) build --release -p kvrouter
@@ -31,7 +32,7 @@ bench-http:
 	./target/release/kvrouter serve --http-host 127.0.0.1 --http-port 18181 --workers 8 \
 	  --router-mode kv --speedup-ratio 1000 > $(OUT)/bench-serve.log 2>&1 & echo $$! > $(OUT)/bench-serve.pid
 	sleep 2
-	./target/release/kvrouter bench http --url http://127.0.0.1:18181 --limit 6000 \
+	nice -n 19 ./target/release/kvrouter bench http --url http://127.0.0.1:18181 --limit 6000 \
 	  --trace $(SHARED)/data/mooncake_conversation_trace.jsonl --speedup $(SPEEDUP) | tee -a $(OUT)/bench-http.jsonl; \
 	  status=$$?; kill $$(cat $(OUT)/bench-serve.pid); exit $$status
 	python3 tools/plot_bench_http.py $(OUT)/bench-http.jsonl $(OUT)/bench-http.svg
