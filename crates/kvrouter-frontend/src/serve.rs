@@ -12,10 +12,8 @@ use kvrouter_mocker::engine::EngineConfig;
 use kvrouter_mocker::service::{self, MockWorker, WorkerConfig};
 use kvrouter_router::disagg::PrefillClient;
 use kvrouter_router::{KvRouter, RouterMetrics, WorkerPool};
-use kvrouter_runtime::discovery::MemDiscovery;
 use kvrouter_runtime::endpoint::{EndpointId, InstanceId};
-use kvrouter_runtime::events::InProcEvents;
-use kvrouter_runtime::node::{Node, Plane, new_instance_id};
+use kvrouter_runtime::node::{Node, new_instance_id};
 use prometheus::Registry;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -142,13 +140,7 @@ impl Embedded {
         pre: Arc<Preprocessor>,
         listener: TcpListener,
     ) -> Result<Self, String> {
-        let node = Node::new(
-            Arc::new(MemDiscovery::new()),
-            Arc::new(InProcEvents::new()),
-            Plane::Tcp,
-            None,
-            "127.0.0.1",
-        );
+        let node = Node::in_process();
         let endpoint = EndpointId {
             namespace: cfg.namespace.clone(),
             component: "backend".into(),

@@ -13,10 +13,8 @@ use kvrouter_mocker::engine::EngineConfig;
 use kvrouter_mocker::service::{self, Role, WorkerConfig};
 use kvrouter_router::standalone::StandaloneRouter;
 use kvrouter_router::{KvRouter, RouterMetrics, WorkerPool};
-use kvrouter_runtime::discovery::MemDiscovery;
 use kvrouter_runtime::endpoint::EndpointId;
-use kvrouter_runtime::events::InProcEvents;
-use kvrouter_runtime::node::{Node, Plane};
+use kvrouter_runtime::node::Node;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -33,13 +31,7 @@ fn worker(role: Role) -> WorkerConfig {
 
 #[tokio::test]
 async fn prefill_pool_then_decode_with_transferred_kv() {
-    let node = Node::new(
-        Arc::new(MemDiscovery::new()),
-        Arc::new(InProcEvents::new()),
-        Plane::Tcp,
-        None,
-        "127.0.0.1",
-    );
+    let node = Node::in_process();
     let prefill_workers: EndpointId = "pf.backend.generate".parse().unwrap();
     let decode_workers: EndpointId = "dec.backend.generate".parse().unwrap();
     let _p = service::start(&node, &prefill_workers, 1, worker(Role::Prefill))

@@ -388,6 +388,19 @@ async fn workers_for_shared_prefix(
     seen
 }
 
+/// Sends `n` shared-prefix requests one after another; returns their workers.
+async fn route_one_by_one(s: &Server, n: usize) -> Vec<u64> {
+    let mut seen = Vec::new();
+    for i in 0..n {
+        let (status, v) = s
+            .post("/v1/chat/completions", chat(&shared_prefix_prompt(i), 2))
+            .await;
+        assert_eq!(status, 200, "{v}");
+        seen.push(v["nvext"]["worker_id"].as_u64().unwrap());
+    }
+    seen
+}
+
 fn distinct(v: &[u64]) -> usize {
     let mut d = v.to_vec();
     d.sort_unstable();
@@ -427,14 +440,7 @@ async fn round_robin_spreads_a_shared_prefix() {
         ..Setup::default()
     })
     .await;
-    let mut seen = Vec::new();
-    for i in 0..8 {
-        let (status, v) = s
-            .post("/v1/chat/completions", chat(&shared_prefix_prompt(i), 2))
-            .await;
-        assert_eq!(status, 200);
-        seen.push(v["nvext"]["worker_id"].as_u64().unwrap());
-    }
+    let seen = route_one_by_one(&s, 8).await;
     assert_eq!(distinct(&seen), 4, "{seen:?}");
     s.embedded.shutdown().await.unwrap();
 }
@@ -503,14 +509,7 @@ async fn approximate_mode_routes_by_its_own_decisions() {
         ..Setup::default()
     })
     .await;
-    let mut seen = Vec::new();
-    for i in 0..6 {
-        let (status, v) = s
-            .post("/v1/chat/completions", chat(&shared_prefix_prompt(i), 2))
-            .await;
-        assert_eq!(status, 200);
-        seen.push(v["nvext"]["worker_id"].as_u64().unwrap());
-    }
+    let seen = route_one_by_one(&s, 6).await;
     assert_eq!(distinct(&seen), 1, "{seen:?}");
     // No events were consumed: the index holds only predicted blocks.
     assert_eq!(

@@ -11,10 +11,8 @@ use kvrouter_core::{KvRouterConfig, RouterMode};
 use kvrouter_frontend::serve::{FrontendHandle, RoutingConfig, start_frontend};
 use kvrouter_frontend::{Endpoints, Preprocessor};
 use kvrouter_mocker::service::{self, WorkerConfig};
-use kvrouter_runtime::discovery::MemDiscovery;
 use kvrouter_runtime::endpoint::EndpointId;
-use kvrouter_runtime::events::InProcEvents;
-use kvrouter_runtime::node::{Node, Plane};
+use kvrouter_runtime::node::Node;
 use serde_json::{Value, json};
 
 async fn frontend(node: &Node, endpoint: &EndpointId) -> FrontendHandle {
@@ -72,13 +70,7 @@ fn active_on(st: &Value, worker: u64) -> u64 {
 
 #[tokio::test]
 async fn load_through_one_frontend_is_seen_by_the_other() {
-    let node = Node::new(
-        Arc::new(MemDiscovery::new()),
-        Arc::new(InProcEvents::new()),
-        Plane::Tcp,
-        None,
-        "127.0.0.1",
-    );
+    let node = Node::in_process();
     let endpoint: EndpointId = "sync.backend.generate".parse().unwrap();
     let cfg = WorkerConfig::default();
     let _w1 = service::start(&node, &endpoint, 1, cfg.clone())

@@ -100,37 +100,56 @@ pub enum PoolConfigError {
     Invalid(Vec<String>),
 }
 
-fn check_grid(
-    what: &str,
-    rows: usize,
-    cols: usize,
+/// One selection grid: two axes, each `(name, min, max, resolution)`, and the mapping.
+struct Grid<'a> {
+    name: &'static str,
+    rows: (&'static str, f64, f64, usize),
+    cols: (&'static str, f64, f64, usize),
     pools: usize,
-    mapping: &[Vec<i64>],
-    problems: &mut Vec<String>,
-) {
-    if rows == 0 || cols == 0 {
-        problems.push(format!("{what}: resolutions must be at least 1"));
-    }
-    if mapping.len() != rows {
-        problems.push(format!(
-            "{what}: the mapping has {} rows, the resolution says {rows}",
-            mapping.len()
-        ));
-    }
-    for (i, row) in mapping.iter().enumerate() {
-        if row.len() != cols {
-            problems.push(format!(
-                "{what}: mapping row {i} has {} columns, the resolution says {cols}",
-                row.len()
-            ));
-        }
-        for (j, &p) in row.iter().enumerate() {
-            if p < 0 || p as usize >= pools {
-                problems.push(format!(
-                    "{what}: mapping[{i}][{j}] = {p} is not a pool (0..{pools})"
-                ));
+    mapping: &'a [Vec<i64>],
+}
+
+impl Grid<'_> {
+    fn problems(&self, out: &mut Vec<String>) {
+        let what = self.name;
+        for (axis, min, max, res) in [self.rows, self.cols] {
+            if max.partial_cmp(&min) != Some(std::cmp::Ordering::Greater) {
+                out.push(format!("{what}: {axis}_max must exceed {axis}_min"));
+            }
+            if res == 0 {
+                out.push(format!("{what}: {axis}_resolution must be at least 1"));
             }
         }
+        let (rows, cols) = (self.rows.3, self.cols.3);
+        if self.mapping.len() != rows {
+            out.push(format!(
+                "{what}: the mapping has {} rows, the resolution says {rows}",
+                self.mapping.len()
+            ));
+        }
+        for (i, row) in self.mapping.iter().enumerate() {
+            if row.len() != cols {
+                out.push(format!(
+                    "{what}: mapping row {i} has {} columns, the resolution says {cols}",
+                    row.len()
+                ));
+            }
+            for (j, &p) in row.iter().enumerate() {
+                if p < 0 || p as usize >= self.pools {
+                    out.push(format!(
+                        "{what}: mapping[{i}][{j}] = {p} is not a pool (0..{})",
+                        self.pools
+                    ));
+                }
+            }
+        }
+    }
+
+    /// The pool of the cell holding `(x, y)`, clamped to the grid.
+    fn pool(&self, x: f64, y: f64) -> usize {
+        let i = band(x, self.rows.1, self.rows.2, self.rows.3);
+        let j = band(y, self.cols.1, self.cols.2, self.cols.3);
+        self.mapping[i][j] as usize
     }
 }
 
@@ -166,36 +185,8 @@ impl PoolConfig {
                 self.decode_pool_dynamo_namespaces.len()
             ));
         }
-        let s = &self.prefill_pool_selection_strategy;
-        if s.isl_max <= s.isl_min {
-            p.push("prefill strategy: isl_max must exceed isl_min".into());
-        }
-        if s.ttft_max.partial_cmp(&s.ttft_min) != Some(std::cmp::Ordering::Greater) {
-            p.push("prefill strategy: ttft_max must exceed ttft_min".into());
-        }
-        check_grid(
-            "prefill_pool_mapping",
-            s.isl_resolution,
-            s.ttft_resolution,
-            self.num_prefill_pools,
-            &s.prefill_pool_mapping,
-            &mut p,
-        );
-        let d = &self.decode_pool_selection_strategy;
-        if d.context_length_max <= d.context_length_min {
-            p.push("decode strategy: context_length_max must exceed context_length_min".into());
-        }
-        if d.itl_max.partial_cmp(&d.itl_min) != Some(std::cmp::Ordering::Greater) {
-            p.push("decode strategy: itl_max must exceed itl_min".into());
-        }
-        check_grid(
-            "decode_pool_mapping",
-            d.context_length_resolution,
-            d.itl_resolution,
-            self.num_decode_pools,
-            &d.decode_pool_mapping,
-            &mut p,
-        );
+        self.prefill_grid().problems(&mut p);
+        self.decode_grid().problems(&mut p);
         for ns in self
             .prefill_pool_dynamo_namespaces
             .iter()
@@ -235,30 +226,41 @@ pub fn target(extra: Option<&Value>, key: &str, default: Option<f64>, min: f64, 
 }
 
 impl PoolConfig {
+    fn prefill_grid(&self) -> Grid<'_> {
+        let s = &self.prefill_pool_selection_strategy;
+        Grid {
+            name: "prefill_pool_mapping",
+            rows: ("isl", s.isl_min as f64, s.isl_max as f64, s.isl_resolution),
+            cols: ("ttft", s.ttft_min, s.ttft_max, s.ttft_resolution),
+            pools: self.num_prefill_pools,
+            mapping: &s.prefill_pool_mapping,
+        }
+    }
+
+    fn decode_grid(&self) -> Grid<'_> {
+        let d = &self.decode_pool_selection_strategy;
+        Grid {
+            name: "decode_pool_mapping",
+            rows: (
+                "context_length",
+                d.context_length_min as f64,
+                d.context_length_max as f64,
+                d.context_length_resolution,
+            ),
+            cols: ("itl", d.itl_min, d.itl_max, d.itl_resolution),
+            pools: self.num_decode_pools,
+            mapping: &d.decode_pool_mapping,
+        }
+    }
+
     /// The prefill pool for `isl` tokens at a TTFT target (ms).
     pub fn prefill_pool(&self, isl: usize, ttft: f64) -> usize {
-        let s = &self.prefill_pool_selection_strategy;
-        let i = band(
-            isl as f64,
-            s.isl_min as f64,
-            s.isl_max as f64,
-            s.isl_resolution,
-        );
-        let j = band(ttft, s.ttft_min, s.ttft_max, s.ttft_resolution);
-        s.prefill_pool_mapping[i][j] as usize
+        self.prefill_grid().pool(isl as f64, ttft)
     }
 
     /// The decode pool for `context` tokens at an ITL target (ms).
     pub fn decode_pool(&self, context: usize, itl: f64) -> usize {
-        let d = &self.decode_pool_selection_strategy;
-        let i = band(
-            context as f64,
-            d.context_length_min as f64,
-            d.context_length_max as f64,
-            d.context_length_resolution,
-        );
-        let j = band(itl, d.itl_min, d.itl_max, d.itl_resolution);
-        d.decode_pool_mapping[i][j] as usize
+        self.decode_grid().pool(context as f64, itl)
     }
 }
 

@@ -11,7 +11,7 @@
 //! Index and sequence state sit behind separate short-held locks, so events
 //! keep flowing while requests are scheduled.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -29,6 +29,7 @@ use kvrouter_core::{
 };
 use kvrouter_runtime::endpoint::WorkerMetadata;
 use parking_lot::Mutex;
+use prometheus::IntGauge;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::Serialize;
@@ -116,14 +117,17 @@ struct State {
     tracker: SequenceTracker,
     busy: BusyMonitor,
     workers: BTreeMap<WorkerId, WorkerMetadata>,
-    /// Workers that left: their late events must not resurrect them.
-    removed: HashSet<WorkerId>,
+    /// A rank's gauges, resolved once (label lookups stay off the request path).
+    gauges: HashMap<WorkerKey, [IntGauge; 3]>,
     rng: StdRng,
     rr: usize,
 }
 
 /// The KV router (see the module docs).
 pub struct KvRouter {
+    /// Workers that left: their late events must not resurrect them. Its own
+    /// lock, so applying events never waits on the routing state.
+    removed: parking_lot::RwLock<HashSet<WorkerId>>,
     /// Where this router's active-sequence changes go (replica sync), with its id.
     sync:
         parking_lot::RwLock<Option<(u64, tokio::sync::mpsc::UnboundedSender<ActiveSequenceEvent>)>>,
@@ -162,6 +166,7 @@ impl KvRouter {
             Index::Exact(Mutex::new(RadixIndex::new()))
         };
         Arc::new(Self {
+            removed: parking_lot::RwLock::new(HashSet::new()),
             sync: parking_lot::RwLock::new(None),
             mode,
             config,
@@ -171,7 +176,7 @@ impl KvRouter {
                 tracker: SequenceTracker::new(block_size.max(2) as usize),
                 busy: BusyMonitor::new(thresholds),
                 workers: BTreeMap::new(),
-                removed: HashSet::new(),
+                gauges: HashMap::new(),
                 rng: StdRng::seed_from_u64(0x6b76_726f_7574_6572),
                 rr: 0,
             }),
@@ -203,7 +208,7 @@ impl KvRouter {
     /// Starts routing to a worker (or updates what it declared).
     pub fn add_worker(&self, id: WorkerId, meta: &WorkerMetadata) {
         let mut st = self.state.lock();
-        st.removed.remove(&id);
+        self.removed.write().remove(&id);
         for r in 0..meta.data_parallel_size.max(1) {
             st.tracker.add_worker(WorkerKey::new(id, r));
         }
@@ -228,7 +233,8 @@ impl KvRouter {
                 .workers
                 .remove(&id)
                 .map_or(1, |m| m.data_parallel_size.max(1));
-            st.removed.insert(id);
+            self.removed.write().insert(id);
+            st.gauges.retain(|k, _| k.worker_id != id);
             st.tracker.remove_worker(id);
             st.busy.remove_worker(id);
             ranks
@@ -264,7 +270,7 @@ impl KvRouter {
 
     /// Applies one KV event from a worker (counted by type and outcome).
     pub fn apply_event(&self, ev: &RouterEvent) {
-        if self.state.lock().removed.contains(&ev.worker_id) {
+        if self.removed.read().contains(&ev.worker_id) {
             return;
         }
         let kind = match &ev.event.data {
@@ -580,21 +586,21 @@ impl KvRouter {
             (s.active_tokens(), s.active_blocks(), s.num_requests())
         });
         st.busy.observe_router(w, tokens as u64, blocks as u64);
-        let id = w.worker_id.to_string();
-        let rank = w.dp_rank.to_string();
-        let labels = [id.as_str(), rank.as_str(), self.worker_type];
-        self.metrics
-            .worker_decode_blocks
-            .with_label_values(&labels)
-            .set(blocks as i64);
-        self.metrics
-            .worker_prefill_tokens
-            .with_label_values(&labels)
-            .set(tokens as i64);
-        self.metrics
-            .worker_requests
-            .with_label_values(&labels)
-            .set(requests as i64);
+        let [decode, prefill, reqs] = st.gauges.entry(w).or_insert_with(|| {
+            let id = w.worker_id.to_string();
+            let rank = w.dp_rank.to_string();
+            let labels = [id.as_str(), rank.as_str(), self.worker_type];
+            [
+                self.metrics.worker_decode_blocks.with_label_values(&labels),
+                self.metrics
+                    .worker_prefill_tokens
+                    .with_label_values(&labels),
+                self.metrics.worker_requests.with_label_values(&labels),
+            ]
+        });
+        decode.set(blocks as i64);
+        prefill.set(tokens as i64);
+        reqs.set(requests as i64);
     }
 
     fn refresh_gauges(&self, id: WorkerId) {

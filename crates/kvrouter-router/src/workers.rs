@@ -295,7 +295,9 @@ impl WorkerPool {
         req: &PreprocessedRequest,
         request_id: &str,
     ) -> Result<GenerateStream, GenerateError> {
-        let body = Bytes::from(serde_json::to_vec(req).expect("requests serialize"));
+        // What the worker gets: the request with its id and, per attempt, its rank.
+        let mut sent = req.clone();
+        sent.request_id = Some(request_id.to_string());
         let mut exclude = Vec::new();
         loop {
             let q = RouteQuery {
@@ -320,15 +322,9 @@ impl WorkerPool {
                 continue;
             };
             // The worker learns its rank from the routing hints.
-            let mut sent = req.clone();
             sent.routing.get_or_insert_with(Default::default).dp_rank =
                 Some(routing.worker.dp_rank);
-            sent.request_id = Some(request_id.to_string());
-            let body = if sent == *req {
-                body.clone()
-            } else {
-                Bytes::from(serde_json::to_vec(&sent).expect("requests serialize"))
-            };
+            let body = Bytes::from(serde_json::to_vec(&sent).expect("requests serialize"));
             match self.node.call(&address, body).await {
                 Ok(responses) => {
                     return Ok(GenerateStream {

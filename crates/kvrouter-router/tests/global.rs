@@ -2,7 +2,6 @@
 //! standalone router over its own mock worker; requests land in the pool the
 //! grid names, and the pool's answer streams back through the global router.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,10 +13,8 @@ use kvrouter_mocker::service::{self, MockWorker, WorkerConfig};
 use kvrouter_router::global::{GlobalRouter, GlobalRouterConfig, PoolConfig};
 use kvrouter_router::standalone::StandaloneRouter;
 use kvrouter_router::{KvRouter, RouterMetrics, WorkerPool};
-use kvrouter_runtime::discovery::MemDiscovery;
 use kvrouter_runtime::endpoint::EndpointId;
-use kvrouter_runtime::events::InProcEvents;
-use kvrouter_runtime::node::{Node, Plane};
+use kvrouter_runtime::node::Node;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -59,13 +56,7 @@ fn routed(s: &StandaloneRouter) -> u64 {
 
 #[tokio::test]
 async fn requests_land_in_the_configured_pool() {
-    let node = Node::new(
-        Arc::new(MemDiscovery::new()),
-        Arc::new(InProcEvents::new()),
-        Plane::Tcp,
-        None,
-        "127.0.0.1",
-    );
+    let node = Node::in_process();
     let (_w0, short) = pool(&node, "short", 1).await;
     let (_w1, long) = pool(&node, "long", 2).await;
     let pools: PoolConfig = serde_json::from_value(json!({

@@ -9,10 +9,8 @@ use kvrouter_core::llm::{PreprocessedRequest, StopConditions};
 use kvrouter_core::{KvRouterConfig, RouterMode};
 use kvrouter_mocker::service::{self, WorkerConfig};
 use kvrouter_router::{KvRouter, RouteQuery, RouterMetrics, WorkerPool};
-use kvrouter_runtime::discovery::MemDiscovery;
 use kvrouter_runtime::endpoint::EndpointId;
-use kvrouter_runtime::events::InProcEvents;
-use kvrouter_runtime::node::{Node, Plane};
+use kvrouter_runtime::node::Node;
 use tokio_util::sync::CancellationToken;
 
 async fn replica(node: &Node, endpoint: &EndpointId, sync: bool) -> Arc<WorkerPool> {
@@ -59,13 +57,7 @@ fn active(pool: &WorkerPool, worker: u64) -> usize {
 /// Routes a long request through replica A; returns what B sees of it and
 /// how many of B's ten selections still went to the loaded worker.
 async fn run(sync: bool) -> (usize, usize) {
-    let node = Node::new(
-        Arc::new(MemDiscovery::new()),
-        Arc::new(InProcEvents::new()),
-        Plane::Tcp,
-        None,
-        "127.0.0.1",
-    );
+    let node = Node::in_process();
     let endpoint: EndpointId = "rs.backend.generate".parse().unwrap();
     let cfg = WorkerConfig::default();
     let _w1 = service::start(&node, &endpoint, 1, cfg.clone())

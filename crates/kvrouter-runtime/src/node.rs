@@ -139,6 +139,18 @@ impl Node {
         }
     }
 
+    /// Everything in one process: in-memory discovery and events, requests
+    /// over loopback TCP (`kvrouter serve`, tests, benchmarks).
+    pub fn in_process() -> Self {
+        Self::new(
+            Arc::new(crate::discovery::MemDiscovery::new()),
+            Arc::new(crate::events::InProcEvents::new()),
+            Plane::Tcp,
+            None,
+            "127.0.0.1",
+        )
+    }
+
     /// Serves `handler` as instance `id` of `endpoint` and registers it.
     pub async fn serve(
         &self,

@@ -29,10 +29,8 @@ use kvrouter_core::protocols::{
 use kvrouter_core::{ExternalSequenceBlockHash, KvRouterConfig, RouterMode};
 use kvrouter_router::standalone::{StandaloneRouter, router_endpoint};
 use kvrouter_router::{KvRouter, RouterMetrics, WorkerPool};
-use kvrouter_runtime::discovery::MemDiscovery;
 use kvrouter_runtime::endpoint::{EndpointId, Instance, WorkerMetadata};
-use kvrouter_runtime::events::InProcEvents;
-use kvrouter_runtime::node::{LEASE_TTL, Node, Plane};
+use kvrouter_runtime::node::{LEASE_TTL, Node};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -133,13 +131,7 @@ pub fn run(args: RouterBenchArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let node = Node::new(
-            Arc::new(MemDiscovery::new()),
-            Arc::new(InProcEvents::new()),
-            Plane::Tcp,
-            None,
-            "127.0.0.1",
-        );
+        let node = Node::in_process();
         let workers: EndpointId = "bench.backend.generate"
             .parse()
             .map_err(anyhow::Error::msg)?;
