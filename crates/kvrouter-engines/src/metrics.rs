@@ -185,6 +185,10 @@ mod tests {
         let m = EngineMetrics::new(&r).unwrap();
         m.gaps.with_label_values(&["1", "0"]).inc();
         assert!(EngineMetrics::new(&r).is_err());
-        assert!(r.gather().iter().any(|f| f.name() == "kvrouter_engine_kv_sequence_gaps_total"));
+        assert!(
+            r.gather()
+                .iter()
+                .any(|f| f.name() == "kvrouter_engine_kv_sequence_gaps_total")
+        );
     }
 }

@@ -83,8 +83,12 @@ pub fn parse_load(text: &str) -> BTreeMap<u32, EngineLoad> {
             set(out.entry(rank).or_default(), *v);
         }
     };
-    pick(RUNNING, |l, v| l.running = Some(l.running.unwrap_or(0.0) + v));
-    pick(WAITING, |l, v| l.waiting = Some(l.waiting.unwrap_or(0.0) + v));
+    pick(RUNNING, |l, v| {
+        l.running = Some(l.running.unwrap_or(0.0) + v)
+    });
+    pick(WAITING, |l, v| {
+        l.waiting = Some(l.waiting.unwrap_or(0.0) + v)
+    });
     pick(KV_USAGE, |l, v| l.kv_usage = Some(v));
     out
 }
@@ -166,7 +170,11 @@ pub fn parse_server_info(v: &Value, host: &str) -> Vec<RankEvents> {
         .and_then(Value::as_u64)
         .map(|p| format!("tcp://{ep_host}:{p}"));
     let dp = k.get("dp_size").and_then(Value::as_u64).unwrap_or(1).max(1) as u32;
-    let topic = k.get("topic").and_then(Value::as_str).unwrap_or("").to_string();
+    let topic = k
+        .get("topic")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
     (0..dp)
         .map(|r| RankEvents {
             rank: r,
@@ -294,7 +302,10 @@ mod tests {
         assert_eq!(parse_load(old)[&0].kv_usage, Some(0.5));
         let sglang = "sglang:num_running_reqs{tp_rank=\"0\"} 4\nsglang:num_queue_reqs 1\nsglang:token_usage 0.1\n";
         let l = parse_load(sglang);
-        assert_eq!((l[&0].running, l[&0].waiting, l[&0].kv_usage), (Some(4.0), Some(1.0), Some(0.1)));
+        assert_eq!(
+            (l[&0].running, l[&0].waiting, l[&0].kv_usage),
+            (Some(4.0), Some(1.0), Some(0.1))
+        );
         assert!(parse_load("other_metric 1\n").is_empty());
     }
 

@@ -131,6 +131,7 @@ pub struct ZmqKvPublisher {
     dp_rank: u32,
     format: EventFormat,
     buffer: Buffer,
+    buffer_steps: usize,
     replay_task: Option<JoinHandle<()>>,
     cancel: CancellationToken,
 }
@@ -172,6 +173,7 @@ impl ZmqKvPublisher {
             dp_rank,
             format,
             buffer,
+            buffer_steps: BUFFER_STEPS,
             replay_task,
             cancel,
         })
@@ -187,10 +189,28 @@ impl ZmqKvPublisher {
         self.replay_address.as_deref()
     }
 
+    /// Keeps at most `n` batches for replay (default [`BUFFER_STEPS`]).
+    pub fn set_buffer_steps(&mut self, n: usize) {
+        self.buffer_steps = n.max(1);
+    }
+
     /// Publishes one batch (nothing for an empty one, as engines do).
     pub async fn publish(&mut self, events: &[EngineEvent]) -> Result<(), zeromq::ZmqError> {
+        match self.number(events) {
+            Some((seq, payload)) => self.send(seq, payload).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Numbers and buffers a batch without sending it: what a PUB does when
+    /// a subscriber's queue is full (fault tests use it to make gaps).
+    pub fn publish_lost(&mut self, events: &[EngineEvent]) {
+        let _ = self.number(events);
+    }
+
+    fn number(&mut self, events: &[EngineEvent]) -> Option<(u64, Bytes)> {
         if events.is_empty() {
-            return Ok(());
+            return None;
         }
         let ts = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -198,14 +218,16 @@ impl ZmqKvPublisher {
         let payload = encode_batch(ts, events, self.dp_rank, self.format);
         let seq = self.seq;
         self.seq += 1;
-        {
-            // Buffered before it is sent, so a replay never misses a sent batch.
-            let mut b = self.buffer.lock();
-            b.push_back((seq, payload.clone()));
-            if b.len() > BUFFER_STEPS {
-                b.pop_front();
-            }
+        // Buffered before it is sent, so a replay never misses a sent batch.
+        let mut b = self.buffer.lock();
+        b.push_back((seq, payload.clone()));
+        while b.len() > self.buffer_steps {
+            b.pop_front();
         }
+        Some((seq, payload))
+    }
+
+    async fn send(&mut self, seq: u64, payload: Bytes) -> Result<(), zeromq::ZmqError> {
         let msg = ZmqMessage::try_from(vec![
             self.topic.clone(),
             Bytes::copy_from_slice(&seq.to_be_bytes()),

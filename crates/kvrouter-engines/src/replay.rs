@@ -46,6 +46,27 @@ impl Replay {
     }
 }
 
+/// One reply as the DEALER sees it: `Some((seq, payload))`, or `None` for
+/// the end marker (an empty payload). The last two frames are (seq, payload)
+/// in both layouts.
+pub fn parse_reply(mut frames: Vec<Bytes>) -> Result<Option<(u64, Bytes)>, ReplayError> {
+    if frames.len() < 3 {
+        return Err(ReplayError::Malformed(format!(
+            "{} frames, expected 3 or 4",
+            frames.len()
+        )));
+    }
+    let payload = frames.pop().expect("checked length");
+    let seq = frames.pop().expect("checked length");
+    if payload.is_empty() {
+        return Ok(None);
+    }
+    let seq: [u8; 8] = seq[..]
+        .try_into()
+        .map_err(|_| ReplayError::Malformed(format!("a {}-byte sequence frame", seq.len())))?;
+    Ok(Some((u64::from_be_bytes(seq), payload)))
+}
+
 /// Asks `endpoint` for every batch from `start`; each step (connect, each
 /// reply) may take up to `timeout`.
 pub async fn replay(endpoint: &str, start: u64, timeout: Duration) -> Result<Replay, ReplayError> {
@@ -72,22 +93,10 @@ pub async fn replay(endpoint: &str, start: u64, timeout: Duration) -> Result<Rep
             Ok(Err(e)) => return Err(ReplayError::Malformed(e.to_string())),
             Err(_) => return Err(ReplayError::Timeout(out.batches.len())),
         };
-        let mut frames = msg.into_vec();
-        if frames.len() < 3 {
-            return Err(ReplayError::Malformed(format!(
-                "{} frames, expected 3 or 4",
-                frames.len()
-            )));
-        }
-        let payload = frames.pop().expect("checked length");
-        let seq = frames.pop().expect("checked length");
-        if payload.is_empty() {
+        let Some((seq, payload)) = parse_reply(msg.into_vec())? else {
             return Ok(out);
-        }
-        let seq: [u8; 8] = seq[..]
-            .try_into()
-            .map_err(|_| ReplayError::Malformed(format!("a {}-byte sequence frame", seq.len())))?;
-        out.batches.push((u64::from_be_bytes(seq), payload));
+        };
+        out.batches.push((seq, payload));
         if out.batches.len() > MAX_REPLAY {
             return Err(ReplayError::Malformed(format!(
                 "more than {MAX_REPLAY} batches"
@@ -102,7 +111,10 @@ mod tests {
 
     fn r(seqs: &[u64]) -> Replay {
         Replay {
-            batches: seqs.iter().map(|s| (*s, Bytes::from_static(b"x"))).collect(),
+            batches: seqs
+                .iter()
+                .map(|s| (*s, Bytes::from_static(b"x")))
+                .collect(),
         }
     }
 

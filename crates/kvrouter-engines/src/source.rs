@@ -18,10 +18,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FusedStream;
 use kvrouter_core::{RouterEvent, WorkerKey};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use zeromq::{Socket, SocketRecv, SubSocket};
+use xxhash_rust::xxh3::xxh3_64;
+use zeromq::{Socket, SocketEvent, SocketRecv, SubSocket};
 
 use crate::metrics::{EngineMetrics, LogLimiter, rank_labels};
 use crate::replay::replay;
@@ -157,6 +160,8 @@ impl KvEventSource {
             status: status.clone(),
             warn: LogLimiter::new(Duration::from_secs(10)),
             size_reported: false,
+            last_digest: None,
+            reconnected: false,
         };
         let handle = tokio::spawn(feed.run(cancel.clone()));
         Self {
@@ -202,6 +207,10 @@ struct Feed {
     status: Arc<SourceStatus>,
     warn: LogLimiter,
     size_reported: bool,
+    /// Hash of the last batch applied, to prove continuity across a replay.
+    last_digest: Option<u64>,
+    /// The SUB lost its peer since the last message.
+    reconnected: bool,
 }
 
 impl Feed {
@@ -232,6 +241,7 @@ impl Feed {
             .build();
         while !cancel.is_cancelled() {
             let mut sub = SubSocket::new();
+            let mut monitor = sub.monitor().fuse();
             let connected = tokio::select! {
                 _ = cancel.cancelled() => return,
                 r = sub.connect(&self.cfg.endpoint) => r,
@@ -253,7 +263,16 @@ impl Feed {
             tracing::info!(endpoint = %self.cfg.endpoint, worker = self.cfg.key.worker_id, dp_rank = self.cfg.key.dp_rank, "subscribed to engine KV events");
             loop {
                 let msg = tokio::select! {
+                    biased;
                     _ = cancel.cancelled() => return,
+                    ev = monitor.next(), if !monitor.is_terminated() => {
+                        if let Some(SocketEvent::Disconnected(_)) = ev {
+                            // The engine may come back as a new process: prove continuity first.
+                            tracing::info!(endpoint = %self.cfg.endpoint, "engine KV publisher disconnected; reconnecting");
+                            self.reconnected = true;
+                        }
+                        continue;
+                    }
                     m = sub.recv() => m,
                 };
                 match msg {
@@ -283,7 +302,24 @@ impl Feed {
         let labels = self.labels.clone();
         let [w, r] = [labels[0].as_str(), labels[1].as_str()];
         self.metrics.batches.with_label_values(&[w, r]).inc();
-        match self.seq.observe(seq) {
+        let mut action = self.seq.observe(seq);
+        if std::mem::take(&mut self.reconnected)
+            && let Some(w) = self.seq.watermark()
+        {
+            action = match action {
+                // Numbers that fit may still come from a restarted engine: the
+                // replay's anchor tells; without a replay socket, trust them.
+                SeqAction::Apply | SeqAction::Duplicate if self.cfg.replay_endpoint.is_some() => {
+                    if self.recover(w + 1, seq).await {
+                        return;
+                    }
+                    SeqAction::Apply
+                }
+                SeqAction::Duplicate => SeqAction::Restart,
+                other => other,
+            };
+        }
+        match action {
             SeqAction::Apply => {}
             SeqAction::Duplicate => return,
             SeqAction::Gap { from } => {
@@ -318,7 +354,13 @@ impl Feed {
     /// Replays `from..` to cover up to `upto`; `true` when the replay
     /// included `upto` itself (the live copy is then a duplicate). Without a
     /// complete history the rank is cleared and what arrives is applied.
-    async fn recover(&mut self, from: u64, upto: u64) -> bool {
+    ///
+    /// Sequence numbers alone cannot tell a gap from a restarted engine that
+    /// has already published more than its predecessor, so a replay after a
+    /// gap starts one batch early, at the last one applied: the same bytes
+    /// prove the same process; other bytes mean a restart, and the rank is
+    /// rebuilt from the new process's batch 0.
+    async fn recover(&mut self, mut from: u64, upto: u64) -> bool {
         let labels = self.labels.clone();
         let [w, r] = [labels[0].as_str(), labels[1].as_str()];
         let Some(endpoint) = self.cfg.replay_endpoint.clone() else {
@@ -331,47 +373,75 @@ impl Feed {
             }
             return false;
         };
-        match replay(&endpoint, from, self.cfg.replay_timeout).await {
-            Ok(rep) if rep.complete_from(from) => {
-                self.metrics
-                    .replays
-                    .with_label_values(&[w, r, "complete"])
-                    .inc();
-                let mut last = None;
-                for (s, payload) in &rep.batches {
-                    self.apply(payload);
-                    last = Some(*s);
+        let mut cleared = false;
+        loop {
+            let anchor = self.last_digest.filter(|_| from > 0);
+            let ask = if anchor.is_some() { from - 1 } else { from };
+            let rep = replay(&endpoint, ask, self.cfg.replay_timeout).await;
+            let mut batches = match rep {
+                Ok(rep) if rep.complete_from(ask) => rep.batches,
+                outcome => {
+                    self.metrics
+                        .replays
+                        .with_label_values(&[w, r, "incomplete"])
+                        .inc();
+                    tracing::warn!(endpoint, from = ask, outcome = ?outcome.as_ref().map(|r| r.batches.first().map(|b| b.0)), "replay incomplete (history gone or cut short); clearing the rank");
+                    if !cleared {
+                        self.reset("history_lost");
+                        cleared = true;
+                    }
+                    if anchor.is_some() {
+                        // A restarted engine may still hold its whole history.
+                        from = 0;
+                        continue;
+                    }
+                    return false;
                 }
-                let last = last.expect("complete replays are not empty");
-                self.seq.replayed(last);
-                self.metrics.last_seq.with_label_values(&[w, r]).set(last as i64);
-                tracing::info!(endpoint, from, to = last, "replay complete");
-                last >= upto
+            };
+            if let Some(digest) = anchor {
+                let (_, first) = batches.remove(0);
+                if xxh3_64(&first) != digest {
+                    tracing::warn!(
+                        endpoint,
+                        "the engine's history differs from what was applied: it restarted; clearing its blocks"
+                    );
+                    self.reset("restart");
+                    cleared = true;
+                    from = 0;
+                    continue;
+                }
             }
-            outcome => {
-                self.metrics
-                    .replays
-                    .with_label_values(&[w, r, "incomplete"])
-                    .inc();
-                tracing::warn!(endpoint, from, outcome = ?outcome.as_ref().map(|r| r.batches.first().map(|b| b.0)), "replay incomplete (history gone or cut short); clearing the rank and rebuilding from live events");
-                self.reset("history_lost");
-                false
+            self.metrics
+                .replays
+                .with_label_values(&[w, r, "complete"])
+                .inc();
+            let Some(last) = batches.last().map(|b| b.0) else {
+                return false;
+            };
+            for (_, payload) in &batches {
+                self.apply(payload);
             }
+            self.seq.replayed(last);
+            self.metrics
+                .last_seq
+                .with_label_values(&[w, r])
+                .set(last as i64);
+            tracing::info!(endpoint, from, to = last, "replay complete");
+            return last >= upto;
         }
     }
 
     fn reset(&mut self, reason: &str) {
         let [w, r] = self.labels();
-        self.metrics
-            .resets
-            .with_label_values(&[w, r, reason])
-            .inc();
+        self.metrics.resets.with_label_values(&[w, r, reason]).inc();
         self.seq.reset();
+        self.last_digest = None;
         self.translator.reset();
         self.sink.reset_rank(self.cfg.key);
     }
 
     fn apply(&mut self, payload: &[u8]) {
+        self.last_digest = Some(xxh3_64(payload));
         let batch = match decode_batch(payload) {
             Ok(b) => b,
             Err(e) => {

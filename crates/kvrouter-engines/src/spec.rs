@@ -138,7 +138,10 @@ mod tests {
         assert_eq!(e.base(), "http://127.0.0.1:8101");
         assert_eq!(e.kv_events.as_deref(), Some("tcp://127.0.0.1:5557"));
         assert_eq!(e.dp_size, 2);
-        assert_eq!(rank_endpoint("tcp://127.0.0.1:5557", 1), "tcp://127.0.0.1:5558");
+        assert_eq!(
+            rank_endpoint("tcp://127.0.0.1:5557", 1),
+            "tcp://127.0.0.1:5558"
+        );
         assert_eq!(rank_endpoint("ipc:///tmp/kv", 2), "ipc:///tmp/kv_dp2");
         let bare: EngineSpec = "http://gpu-3:8000".parse().unwrap();
         assert_eq!((bare.kv_events, bare.dp_size), (None, 1));

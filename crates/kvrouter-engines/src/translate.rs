@@ -75,7 +75,10 @@ pub struct RankTranslator {
 /// Attention kinds whose blocks a prefix index can use (as Dynamo filters).
 fn attention_kind(kind: Option<&str>, group: Option<i64>) -> bool {
     match kind {
-        Some(k) => matches!(k, "full_attention" | "mla_attention" | "sink_full_attention"),
+        Some(k) => matches!(
+            k,
+            "full_attention" | "mla_attention" | "sink_full_attention"
+        ),
         None => group.unwrap_or(0) == 0,
     }
 }
@@ -236,9 +239,10 @@ mod tests {
     fn keys_blocks_by_their_tokens() {
         let mut t = RankTranslator::new(WorkerKey::new(9, 1), 2);
         let out = t
-            .translate(store(vec![100, 200], Some(50), vec![1, 2, 3, 4], 2), |_, _| {
-                panic!("nothing dropped")
-            })
+            .translate(
+                store(vec![100, 200], Some(50), vec![1, 2, 3, 4], 2),
+                |_, _| panic!("nothing dropped"),
+            )
             .unwrap();
         let Translated::Event(ev) = out else { panic!() };
         assert_eq!(ev.worker_key(), WorkerKey::new(9, 1));
@@ -258,7 +262,8 @@ mod tests {
         let mut dropped = Vec::new();
         // A partial last page (2 of 4 tokens).
         assert!(
-            t.translate(store(vec![7], Some(6), vec![1, 2], 2), |w, n| dropped.push((w, n)))
+            t.translate(store(vec![7], Some(6), vec![1, 2], 2), |w, n| dropped
+                .push((w, n)))
                 .is_none()
         );
         let cpu = EngineEvent::Stored(BlockStored {
@@ -270,9 +275,10 @@ mod tests {
         });
         assert!(t.translate(cpu, |w, n| dropped.push((w, n))).is_none());
         assert!(
-            t.translate(store(vec![9, 10], None, vec![1, 2, 3, 4], 4), |w, n| dropped
-                .push((w, n)))
-                .is_none()
+            t.translate(store(vec![9, 10], None, vec![1, 2, 3, 4], 4), |w, n| {
+                dropped.push((w, n))
+            })
+            .is_none()
         );
         assert_eq!(
             dropped,

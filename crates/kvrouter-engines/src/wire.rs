@@ -108,8 +108,8 @@ impl WireError {
 /// Decodes one batch payload.
 pub fn decode_batch(payload: &[u8]) -> Result<EventBatch, WireError> {
     let mut cursor = payload;
-    let value = rmpv::decode::read_value(&mut cursor)
-        .map_err(|e| WireError::NotMsgpack(e.to_string()))?;
+    let value =
+        rmpv::decode::read_value(&mut cursor).map_err(|e| WireError::NotMsgpack(e.to_string()))?;
     let Value::Array(parts) = value else {
         return Err(WireError::NotBatch("the batch is not an array"));
     };
@@ -430,7 +430,10 @@ mod tests {
             labels,
             vec![(0, "unknown_event"), (1, "bad_event"), (3, "unknown_event")]
         );
-        assert!(matches!(decode_batch(b"\x93\x01"), Err(WireError::NotMsgpack(_))));
+        assert!(matches!(
+            decode_batch(b"\x93\x01"),
+            Err(WireError::NotMsgpack(_))
+        ));
         assert!(matches!(
             decode_batch(&enc(&Value::Map(vec![]))),
             Err(WireError::NotBatch(_))
@@ -443,7 +446,10 @@ mod tests {
         let mut ev = vec![
             (s("type"), s("BlockStored")),
             (s("block_hashes"), Value::Array(vec![Value::from(1)])),
-            (s("token_ids"), Value::Array(vec![Value::from(1), Value::from(2)])),
+            (
+                s("token_ids"),
+                Value::Array(vec![Value::from(1), Value::from(2)]),
+            ),
             (s("block_size"), Value::from(2)),
         ];
         let plain = decode_event(&Value::Map(ev.clone())).unwrap();
@@ -457,7 +463,10 @@ mod tests {
         ev.pop();
         ev.push((
             s("extra_keys"),
-            Value::Array(vec![Value::Array(vec![s(&"ab".repeat(32)), Value::from(0)])]),
+            Value::Array(vec![Value::Array(vec![
+                s(&"ab".repeat(32)),
+                Value::from(0),
+            ])]),
         ));
         let mm = decode_event(&Value::Map(ev)).unwrap();
         assert!(matches!(mm, EngineEvent::Stored(ref st) if !st.salted));
