@@ -5,7 +5,7 @@ export PATH := $(PATH):/usr/sbin
 CARGO  ?= cargo
 OUT    := out
 
-.PHONY: run sim bench-http index test lint unit bench-build bench-index fuzz deps clean
+.PHONY: run sim bench-http index test lint unit interop bench-build bench-index fuzz deps clean
 
 ## The main job: the OpenAI API with KV-aware routing over 4 mock workers, all in
 ## one process (in-memory discovery and events) on http://127.0.0.1:8000. Ctrl-C stops it.
@@ -47,8 +47,9 @@ $(OUT)/conv.kvops:
 	mkdir -p $(OUT)
 	python3 $(SHARED)/tools/kv-ops-gen $(SHARED)/data/mooncake_conversation_trace.jsonl -o $@
 
-## Everything CI checks: formatting, lints (warnings are errors), all tests.
-test: deps lint unit
+## Everything CI checks: formatting, lints (warnings are errors), all tests, and the
+## interop tests against the engines' own KV-event publishers.
+test: deps lint unit interop
 
 deps:
 	@./scripts/install-deps.sh
@@ -59,6 +60,13 @@ lint:
 
 unit:
 	$(CARGO) test --workspace
+
+## vLLM 0.21 / 0.33 and SGLang 0.5.12 / 0.5.23 publishing through their own kv_events.py
+## (taken from their wheels, downloaded once into out/interop) to kvrouter's subscriber.
+interop:
+	./scripts/interop-setup.sh $(OUT)/interop
+	KVROUTER_INTEROP=$(abspath $(OUT)/interop) KVROUTER_INTEROP_PYTHON=$(abspath $(OUT)/interop/venv/bin/python) \
+	  $(CARGO) test -p kvrouter-engines --test interop -- --ignored
 
 ## Compile (not run) the criterion benchmarks.
 bench-build:

@@ -62,9 +62,9 @@ pub enum SeqAction {
 pub struct SeqTracker {
     /// Last sequence number applied.
     watermark: Option<u64>,
-    /// Sequence numbers in `(floor, watermark]` came from a replay; live
-    /// copies of them are duplicates, not a restart.
-    replay_floor: Option<u64>,
+    /// Sequence numbers in `[replay_from, watermark]` came from a replay;
+    /// live copies of them are duplicates, not a restart.
+    replay_from: Option<u64>,
 }
 
 impl SeqTracker {
@@ -75,7 +75,7 @@ impl SeqTracker {
             None => SeqAction::Joined,
             Some(w) if seq == w + 1 => SeqAction::Apply,
             Some(w) if seq > w + 1 => SeqAction::Gap { from: w + 1 },
-            Some(_) if self.replay_floor.is_some_and(|f| seq > f) => SeqAction::Duplicate,
+            Some(_) if self.replay_from.is_some_and(|f| seq >= f) => SeqAction::Duplicate,
             Some(_) => SeqAction::Restart,
         }
     }
@@ -83,14 +83,14 @@ impl SeqTracker {
     /// Records that `seq` was applied live.
     pub fn applied(&mut self, seq: u64) {
         if self.watermark.is_some_and(|w| seq == w + 1) {
-            self.replay_floor = None;
+            self.replay_from = None;
         }
         self.watermark = Some(seq);
     }
 
-    /// Records that a replay applied batches up to `last`.
-    pub fn replayed(&mut self, last: u64) {
-        self.replay_floor = Some(self.watermark.unwrap_or(0).min(last));
+    /// Records that a replay applied batches `first..=last`.
+    pub fn replayed(&mut self, first: u64, last: u64) {
+        self.replay_from = Some(first);
         self.watermark = Some(last);
     }
 
@@ -261,15 +261,25 @@ impl Feed {
             }
             retry.reset();
             tracing::info!(endpoint = %self.cfg.endpoint, worker = self.cfg.key.worker_id, dp_rank = self.cfg.key.dp_rank, "subscribed to engine KV events");
+            // An engine that ran before the router (or while it was away) may be idle now:
+            // take its history from the replay buffer instead of waiting for its next batch.
+            self.sync_history().await;
             loop {
                 let msg = tokio::select! {
                     biased;
                     _ = cancel.cancelled() => return,
                     ev = monitor.next(), if !monitor.is_terminated() => {
-                        if let Some(SocketEvent::Disconnected(_)) = ev {
-                            // The engine may come back as a new process: prove continuity first.
-                            tracing::info!(endpoint = %self.cfg.endpoint, "engine KV publisher disconnected; reconnecting");
-                            self.reconnected = true;
+                        match ev {
+                            Some(SocketEvent::Disconnected(_)) => {
+                                // The engine may come back as a new process: prove continuity first.
+                                tracing::info!(endpoint = %self.cfg.endpoint, "engine KV publisher disconnected; reconnecting");
+                                self.reconnected = true;
+                            }
+                            Some(SocketEvent::Connected(..)) if self.reconnected => {
+                                self.reconnected = false;
+                                self.sync_history().await;
+                            }
+                            _ => {}
                         }
                         continue;
                     }
@@ -351,6 +361,23 @@ impl Feed {
             .set(seq as i64);
     }
 
+    /// Catches up with what the engine published while no one listened:
+    /// from batch 0 on a first connection, from the last batch applied (as
+    /// the continuity anchor) after a reconnection.
+    async fn sync_history(&mut self) {
+        if self.cfg.replay_endpoint.is_none() {
+            return;
+        }
+        match self.seq.watermark() {
+            Some(w) => {
+                self.recover(w + 1, w).await;
+            }
+            None => {
+                self.recover(0, 0).await;
+            }
+        }
+    }
+
     /// Replays `from..` to cover up to `upto`; `true` when the replay
     /// included `upto` itself (the live copy is then a duplicate). Without a
     /// complete history the rank is cleared and what arrives is applied.
@@ -380,6 +407,8 @@ impl Feed {
             let rep = replay(&endpoint, ask, self.cfg.replay_timeout).await;
             let mut batches = match rep {
                 Ok(rep) if rep.complete_from(ask) => rep.batches,
+                // Nothing published yet: nothing missed.
+                Ok(rep) if rep.batches.is_empty() && ask == 0 => return false,
                 outcome => {
                     self.metrics
                         .replays
@@ -415,13 +444,15 @@ impl Feed {
                 .replays
                 .with_label_values(&[w, r, "complete"])
                 .inc();
-            let Some(last) = batches.last().map(|b| b.0) else {
+            let (Some(first), Some(last)) =
+                (batches.first().map(|b| b.0), batches.last().map(|b| b.0))
+            else {
                 return false;
             };
             for (_, payload) in &batches {
                 self.apply(payload);
             }
-            self.seq.replayed(last);
+            self.seq.replayed(first, last);
             self.metrics
                 .last_seq
                 .with_label_values(&[w, r])
@@ -507,9 +538,10 @@ mod tests {
         t.applied(1);
         assert_eq!(t.observe(4), SeqAction::Gap { from: 2 });
         // A replay covered 2..=6: live copies of 4..=6 are duplicates.
-        t.replayed(6);
+        t.replayed(2, 6);
         assert_eq!(t.observe(4), SeqAction::Duplicate);
         assert_eq!(t.observe(6), SeqAction::Duplicate);
+        assert_eq!(t.observe(1), SeqAction::Restart);
         assert_eq!(t.observe(7), SeqAction::Apply);
         t.applied(7);
         // Past the replayed window, going back is a restart.
