@@ -44,11 +44,11 @@ const KV_USAGE: &[&str] = &[
     "trtllm_kv_cache_utilization",
 ];
 
-/// One sample line of the Prometheus text format: name, `engine` label, value.
+/// One sample line of the Prometheus text format: name, labels, value.
 ///
 /// Written here because `prometheus-parse` rejects the `:` that vLLM's and
-/// SGLang's metric names contain; only the three parts routing needs are read.
-fn sample(line: &str) -> Option<(&str, Option<&str>, f64)> {
+/// SGLang's metric names contain; only what routing needs is read.
+fn sample(line: &str) -> Option<(&str, &str, f64)> {
     let line = line.trim();
     if line.is_empty() || line.starts_with('#') {
         return None;
@@ -62,25 +62,42 @@ fn sample(line: &str) -> Option<(&str, Option<&str>, f64)> {
         ("", &line[name_end..])
     };
     let value: f64 = rest.split_whitespace().next()?.parse().ok()?;
-    let engine = labels.split(',').find_map(|kv| {
-        let (k, v) = kv.split_once('=')?;
-        (k.trim() == "engine").then(|| v.trim().trim_matches('"'))
-    });
-    Some((name, engine, value))
+    Some((name, labels, value))
 }
 
-/// Per-rank load from Prometheus text; empty when no known family is present.
-pub fn parse_load(text: &str) -> BTreeMap<u32, EngineLoad> {
-    let samples: Vec<(&str, Option<&str>, f64)> = text.lines().filter_map(sample).collect();
-    let mut out: BTreeMap<u32, EngineLoad> = BTreeMap::new();
+/// The value of label `key` in `k="v",…`.
+fn label<'a>(labels: &'a str, key: &str) -> Option<&'a str> {
+    labels.split(',').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k.trim() == key).then(|| v.trim().trim_matches('"'))
+    })
+}
+
+/// What an engine's `/metrics` says that routing uses.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Scrape {
+    /// Load per rank (vLLM's `engine` label; 0 when unlabelled).
+    pub ranks: BTreeMap<u32, EngineLoad>,
+    /// KV blocks per rank (`vllm:cache_config_info{num_gpu_blocks}`).
+    pub num_gpu_blocks: Option<u64>,
+    /// Tokens per block (`vllm:cache_config_info{block_size}`, `sglang:page_size`).
+    pub block_size: Option<u32>,
+}
+
+/// Reads Prometheus text; empty when no known family is present.
+pub fn parse_scrape(text: &str) -> Scrape {
+    let samples: Vec<(&str, &str, f64)> = text.lines().filter_map(sample).collect();
+    let mut out = Scrape::default();
     let mut pick = |names: &[&str], set: fn(&mut EngineLoad, f64)| {
         // The first name the engine exposes wins; the others are older or other engines'.
         let Some(name) = names.iter().find(|n| samples.iter().any(|s| s.0 == **n)) else {
             return;
         };
-        for (_, engine, v) in samples.iter().filter(|s| s.0 == *name) {
-            let rank = engine.and_then(|e| e.parse().ok()).unwrap_or(0);
-            set(out.entry(rank).or_default(), *v);
+        for (_, labels, v) in samples.iter().filter(|s| s.0 == *name) {
+            let rank = label(labels, "engine")
+                .and_then(|e| e.parse().ok())
+                .unwrap_or(0);
+            set(out.ranks.entry(rank).or_default(), *v);
         }
     };
     pick(RUNNING, |l, v| {
@@ -90,7 +107,22 @@ pub fn parse_load(text: &str) -> BTreeMap<u32, EngineLoad> {
         l.waiting = Some(l.waiting.unwrap_or(0.0) + v)
     });
     pick(KV_USAGE, |l, v| l.kv_usage = Some(v));
+    for (name, labels, v) in &samples {
+        match *name {
+            "vllm:cache_config_info" => {
+                out.num_gpu_blocks = label(labels, "num_gpu_blocks").and_then(|b| b.parse().ok());
+                out.block_size = label(labels, "block_size").and_then(|b| b.parse().ok());
+            }
+            "sglang:page_size" if out.block_size.is_none() => out.block_size = Some(*v as u32),
+            _ => {}
+        }
+    }
     out
+}
+
+/// Per-rank load from Prometheus text (see [`parse_scrape`]).
+pub fn parse_load(text: &str) -> BTreeMap<u32, EngineLoad> {
+    parse_scrape(text).ranks
 }
 
 /// KV-event ports an engine advertises, per rank.
@@ -253,14 +285,14 @@ impl Probe {
             .is_ok_and(|r| r.status().is_success())
     }
 
-    /// Load per rank from `GET /metrics` (empty if unavailable).
-    pub async fn load(&self) -> BTreeMap<u32, EngineLoad> {
+    /// What `GET /metrics` says (empty if unavailable).
+    pub async fn scrape(&self) -> Scrape {
         match self.get("/metrics").await {
             Ok(r) if r.status().is_success() => match r.text().await {
-                Ok(t) => parse_load(&t),
-                Err(_) => BTreeMap::new(),
+                Ok(t) => parse_scrape(&t),
+                Err(_) => Scrape::default(),
             },
-            _ => BTreeMap::new(),
+            _ => Scrape::default(),
         }
     }
 
@@ -307,6 +339,9 @@ mod tests {
             (Some(4.0), Some(1.0), Some(0.1))
         );
         assert!(parse_load("other_metric 1\n").is_empty());
+        let info = "vllm:cache_config_info{block_size=\"16\",num_gpu_blocks=\"2048\"} 1\n";
+        let s = parse_scrape(info);
+        assert_eq!((s.block_size, s.num_gpu_blocks), (Some(16), Some(2048)));
     }
 
     #[test]

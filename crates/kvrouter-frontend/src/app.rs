@@ -16,7 +16,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -67,6 +67,19 @@ pub struct Frontend {
     salt: u64,
     /// Disaggregated serving: the prefill pool's router, and whether it is required.
     prefill: Option<(PrefillClient, bool)>,
+    /// Set when this frontend stands in for an engine (`kvrouter mocker --openai-port`).
+    facade: parking_lot::RwLock<Option<EngineFacade>>,
+}
+
+/// What a stand-in engine adds to the frontend: its load in the engine's own
+/// metric names (appended to `/metrics`) and the KV-event ports it advertises
+/// (`GET /kv_event_sources`, as vLLM ≥ 0.31 serves them).
+#[derive(Clone)]
+pub struct EngineFacade {
+    /// Prometheus text appended to `/metrics`.
+    pub metrics: Arc<dyn Fn() -> String + Send + Sync>,
+    /// `{dp_rank: {endpoint, replay_endpoint, topic, …}}`.
+    pub kv_event_sources: Value,
 }
 
 impl Frontend {
@@ -92,7 +105,13 @@ impl Frontend {
             ids: AtomicU64::new(1),
             salt: (now.as_nanos() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
             prefill,
+            facade: parking_lot::RwLock::new(None),
         }))
+    }
+
+    /// Makes this frontend look like an engine from outside (see [`EngineFacade`]).
+    pub fn set_engine_facade(&self, facade: EngineFacade) {
+        *self.facade.write() = Some(facade);
     }
 
     /// The model served.
@@ -119,7 +138,8 @@ pub fn app(state: Arc<Frontend>, endpoints: Endpoints) -> Router {
         .route("/live", get(live))
         .route("/metrics", get(metrics))
         .route("/busy_threshold", get(get_busy).post(set_busy))
-        .route("/router/state", get(router_state));
+        .route("/router/state", get(router_state))
+        .route("/kv_event_sources", get(kv_event_sources));
     if endpoints.chat {
         r = r.route("/v1/chat/completions", post(chat));
     }
@@ -153,6 +173,14 @@ async fn not_found() -> ApiError {
         kind: "invalid_request_error",
         param: None,
         code: "not_found",
+    }
+}
+
+async fn kv_event_sources(State(s): State<Arc<Frontend>>) -> Response {
+    let sources = s.facade.read().as_ref().map(|f| f.kv_event_sources.clone());
+    match sources {
+        Some(v) => axum::Json(v).into_response(),
+        None => not_found().await.into_response(),
     }
 }
 
@@ -224,6 +252,10 @@ async fn metrics(State(s): State<Arc<Frontend>>) -> Response {
     let mut buf = Vec::new();
     if let Err(e) = TextEncoder::new().encode(&s.registry.gather(), &mut buf) {
         return ApiError::internal(format!("metrics encoding: {e}")).into_response();
+    }
+    let facade = s.facade.read().clone();
+    if let Some(f) = facade {
+        buf.extend_from_slice((f.metrics)().as_bytes());
     }
     (
         [(
@@ -338,9 +370,29 @@ struct Job {
     request: PreprocessedRequest,
 }
 
-async fn chat(State(s): State<Arc<Frontend>>, body: Bytes) -> Response {
+/// vLLM's header pinning a data-parallel rank.
+const DP_RANK_HEADER: &str = "x-data-parallel-rank";
+
+fn header_dp_rank(headers: &HeaderMap) -> Result<Option<u32>, ApiError> {
+    let Some(v) = headers.get(DP_RANK_HEADER) else {
+        return Ok(None);
+    };
+    v.to_str()
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                format!("the {DP_RANK_HEADER} header must be a rank number"),
+                None,
+            )
+        })
+}
+
+async fn chat(State(s): State<Arc<Frontend>>, headers: HeaderMap, body: Bytes) -> Response {
     let started = Instant::now();
     let job = (|| {
+        let dp_rank = header_dp_rank(&headers)?;
         let req: ChatRequest = openai::parse(&body)?;
         let max_tokens = req.max_completion_tokens.or(req.common.max_tokens);
         openai::validate(&req.common, max_tokens)?;
@@ -356,14 +408,15 @@ async fn chat(State(s): State<Arc<Frontend>>, body: Bytes) -> Response {
             .encode(&prompt)
             .map_err(|e| ApiError::internal(e.to_string()))?;
         s.metrics.preprocessing.observe(t.elapsed().as_secs_f64());
-        job(&s, Kind::Chat, &req.common, max_tokens, tokens)
+        job(&s, Kind::Chat, &req.common, max_tokens, tokens, dp_rank)
     })();
     respond(s, Kind::Chat, job, started).await
 }
 
-async fn completions(State(s): State<Arc<Frontend>>, body: Bytes) -> Response {
+async fn completions(State(s): State<Arc<Frontend>>, headers: HeaderMap, body: Bytes) -> Response {
     let started = Instant::now();
     let job = (|| {
+        let dp_rank = header_dp_rank(&headers)?;
         let req: CompletionRequest = openai::parse(&body)?;
         openai::validate(&req.common, req.common.max_tokens)?;
         check_model(&s, &req.common.model)?;
@@ -394,7 +447,14 @@ async fn completions(State(s): State<Arc<Frontend>>, body: Bytes) -> Response {
         s.metrics.preprocessing.observe(t.elapsed().as_secs_f64());
         // OpenAI's legacy default.
         let max_tokens = req.common.max_tokens.or(Some(16));
-        job(&s, Kind::Completion, &req.common, max_tokens, tokens)
+        job(
+            &s,
+            Kind::Completion,
+            &req.common,
+            max_tokens,
+            tokens,
+            dp_rank,
+        )
     })();
     respond(s, Kind::Completion, job, started).await
 }
@@ -413,6 +473,7 @@ fn job(
     c: &Common,
     max_tokens: Option<u32>,
     tokens: Vec<u32>,
+    dp_rank: Option<u32>,
 ) -> Result<Job, ApiError> {
     if tokens.is_empty() {
         return Err(ApiError::invalid("the prompt is empty", Some("prompt")));
@@ -452,10 +513,12 @@ fn job(
                 seed: c.seed,
             },
             eos_token_ids: s.pre.eos_token_ids().to_vec(),
-            routing: nvext.backend_instance_id.map(|id| RoutingHints {
-                dp_rank: None,
-                backend_instance_id: Some(id),
-            }),
+            routing: (nvext.backend_instance_id.is_some() || dp_rank.is_some()).then_some(
+                RoutingHints {
+                    dp_rank,
+                    backend_instance_id: nvext.backend_instance_id,
+                },
+            ),
             router_config_override: nvext.router_config_override,
             extra_args,
             ..Default::default()

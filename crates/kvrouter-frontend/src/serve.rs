@@ -165,6 +165,7 @@ impl Embedded {
             context_length: pre.context_length(),
             durable_kv_events: false,
             role: Default::default(),
+            zmq_events: None,
         };
         let mut me = Self {
             frontend,

@@ -431,6 +431,11 @@ impl Engine {
         }
     }
 
+    /// Prompt tokens looked up in the prefix cache so far, and those found.
+    pub fn prefix_cache_tokens(&self) -> (u64, u64) {
+        (self.prompt_tokens_seen, self.prompt_tokens_cached)
+    }
+
     /// Sequence hashes of the blocks a request would find cached here.
     pub fn cached_prefix_blocks(&self, blocks: &[SequenceHash]) -> usize {
         let names: Vec<u64> = blocks.iter().map(|h| h.0).collect();

@@ -13,7 +13,9 @@
 //! real router core (index, active sequences, selection) in virtual time, so a
 //! whole production hour replays in seconds, once per routing mode, and
 //! [`report`] turns the runs into percentiles, a table, JSON and an SVG.
-//! [`service`] runs engines live, in real time, as workers on the runtime.
+//! [`service`] runs engines live, in real time, as workers on the runtime;
+//! [`vllm`] makes such a worker look like a vLLM server from outside (its
+//! ZeroMQ KV events and metric names).
 
 #![deny(missing_docs)]
 
@@ -24,3 +26,4 @@ pub mod report;
 pub mod service;
 pub mod sim;
 pub mod trace;
+pub mod vllm;

@@ -40,6 +40,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::blocks::FullBlock;
 use crate::engine::{Engine, EngineConfig, EngineRequest, TokenOutput};
+use crate::vllm::{BookGuard, RankStats, TokenBook, ZmqEventsConfig};
+use kvrouter_engines::publisher::ZmqKvPublisher;
 
 /// Tokens generated when a request sets no `max_tokens`.
 pub const DEFAULT_MAX_TOKENS: u32 = 256;
@@ -78,6 +80,8 @@ pub struct WorkerConfig {
     pub durable_kv_events: bool,
     /// Aggregated, prefill-only or decode.
     pub role: Role,
+    /// Also publish KV events as vLLM does, on ZeroMQ (a stand-in engine).
+    pub zmq_events: Option<ZmqEventsConfig>,
 }
 
 impl Default for WorkerConfig {
@@ -93,6 +97,7 @@ impl Default for WorkerConfig {
             context_length: 32_768,
             durable_kv_events: false,
             role: Role::Aggregated,
+            zmq_events: None,
         }
     }
 }
@@ -101,9 +106,15 @@ impl Default for WorkerConfig {
 pub struct MockWorker {
     served: Option<Served>,
     cancel: CancellationToken,
+    stats: Vec<Arc<RankStats>>,
 }
 
 impl MockWorker {
+    /// Each rank's load, kept current by its engine loop.
+    pub fn stats(&self) -> &[Arc<RankStats>] {
+        &self.stats
+    }
+
     /// The instance id.
     pub fn id(&self) -> InstanceId {
         self.served.as_ref().map_or(0, |s| s.instance.id)
@@ -136,6 +147,8 @@ struct Ranks {
     tx: Vec<mpsc::UnboundedSender<Command>>,
     cfg: WorkerConfig,
     next_id: AtomicU64,
+    /// Per rank, when publishing vLLM events: prompt tokens of in-flight blocks.
+    books: Vec<Arc<TokenBook>>,
 }
 
 /// Starts a worker serving `endpoint` as instance `id`.
@@ -163,15 +176,33 @@ pub async fn start(
         None
     };
     let mut tx = Vec::new();
+    let mut stats = Vec::new();
+    let mut books = Vec::new();
     for r in 0..ranks {
         let (t, rx) = mpsc::unbounded_channel();
         tx.push(t);
         let engine = Engine::new(cfg.engine, id, r);
+        let zmq = match &cfg.zmq_events {
+            Some(z) => {
+                let publisher = z.bind(r).await.map_err(|e| ServeError::Bind {
+                    addr: format!("ZeroMQ KV events of rank {r} (port {} + {r})", z.port),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+                let book = Arc::new(TokenBook::default());
+                books.push(book.clone());
+                Some((publisher, book))
+            }
+            None => None,
+        };
+        let rank_stats = Arc::new(RankStats::default());
+        stats.push(rank_stats.clone());
         let publisher = Publisher {
             events: node.events.clone(),
             durable: durable.clone(),
             events_subject: events_subject.clone(),
             load_subject: load_subject.clone(),
+            zmq,
+            stats: rank_stats,
         };
         tokio::spawn(rank_loop(engine, id, rx, publisher, cancel.clone()));
     }
@@ -180,6 +211,7 @@ pub async fn start(
         tx,
         cfg: cfg.clone(),
         next_id: AtomicU64::new(1),
+        books,
     });
     let meta = WorkerMetadata {
         model_name: cfg.model_name.clone(),
@@ -200,6 +232,7 @@ pub async fn start(
     Ok(MockWorker {
         served: Some(served),
         cancel,
+        stats,
     })
 }
 
@@ -210,6 +243,10 @@ struct Publisher {
     durable: Option<DurableEvents>,
     events_subject: String,
     load_subject: String,
+    /// vLLM-format publishing (a stand-in engine), with the rank's token book.
+    zmq: Option<(ZmqKvPublisher, Arc<TokenBook>)>,
+    /// The rank's load, for vLLM-named metrics.
+    stats: Arc<RankStats>,
 }
 
 async fn rank_loop(
@@ -224,7 +261,13 @@ async fn rank_loop(
         durable,
         events_subject,
         load_subject,
+        mut zmq,
+        stats,
     } = publisher;
+    let block_size = engine.config().block_size;
+    stats
+        .kv_total_blocks
+        .store(engine.config().num_gpu_blocks as u64, Ordering::Relaxed);
     let mut outputs: HashMap<u64, mpsc::UnboundedSender<TokenOutput>> = HashMap::new();
     // Simulated time runs ahead of the wall clock by less than one pass.
     let mut clock = Instant::now();
@@ -266,6 +309,25 @@ async fn rank_loop(
                 outputs.remove(&t.request);
             }
         }
+        if let Some((publisher, book)) = &mut zmq {
+            let batch = crate::vllm::engine_events(&step.events, book, block_size);
+            if let Err(e) = publisher.publish(&batch).await {
+                tracing::warn!(error = %e, "ZeroMQ KV events not published");
+            }
+        }
+        let m = engine.metrics();
+        let (queries, hits) = engine.prefix_cache_tokens();
+        stats
+            .running
+            .store(m.worker_stats.request_active_slots, Ordering::Relaxed);
+        stats
+            .waiting
+            .store(m.worker_stats.num_requests_waiting, Ordering::Relaxed);
+        stats
+            .kv_used_blocks
+            .store(m.kv_stats.kv_active_blocks, Ordering::Relaxed);
+        stats.prefix_queries.store(queries, Ordering::Relaxed);
+        stats.prefix_hits.store(hits, Ordering::Relaxed);
         for ev in step.events {
             let msg = RouterEvent::new(worker_id, ev);
             let bytes = Bytes::from(serde_json::to_vec(&msg).expect("events serialize"));
@@ -350,6 +412,8 @@ struct Generation {
     cancel: CancellationToken,
     /// On a prefill worker: the transfer parameters to answer with.
     prefill_of: Option<serde_json::Value>,
+    /// Keeps the prompt's tokens known until the request ends (vLLM events).
+    _book: Option<BookGuard>,
 }
 
 impl Handler for Ranks {
@@ -396,6 +460,15 @@ impl Handler for Ranks {
             let blocks: Vec<FullBlock> = prompt_blocks_of(&local, &seq);
             let _ = self.tx[rank].send(Command::Import(blocks));
         }
+        let book = self.books.get(rank).map(|b| {
+            b.acquire(
+                local
+                    .iter()
+                    .zip(req.token_ids.chunks_exact(bs))
+                    .map(|(l, t)| (l.0, t))
+                    .collect(),
+            )
+        });
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
         let engine_req = EngineRequest {
@@ -435,6 +508,7 @@ impl Handler for Ranks {
                     "kv_blocks": local.len(),
                 })
             }),
+            _book: book,
         };
         futures::stream::unfold(Some(generation), |state| async move {
             let mut g = state?;

@@ -6,6 +6,9 @@
 //!   event plane, and the routed call that streams a worker's outputs back.
 //! - [`standalone`]: the standalone router service (`{ns}.router.generate`,
 //!   `{ns}.router.best_worker_id`).
+//! - [`engines`]: external OpenAI-HTTP engines (vLLM, SGLang, …) followed
+//!   through their ZeroMQ KV events, health and metrics; [`passthrough`]: their
+//!   answers streamed back unchanged while the router follows each request.
 //! - [`disagg`]: prefill through a prefill pool's router before decoding.
 //! - [`durable`]: durable KV events (JetStream consumer, snapshots, purge).
 //! - [`global`]: the global router (pool selection by size and latency target).
@@ -14,8 +17,10 @@
 
 pub mod disagg;
 pub mod durable;
+pub mod engines;
 pub mod global;
 pub mod metrics;
+pub mod passthrough;
 pub mod router;
 pub mod standalone;
 pub mod sync;

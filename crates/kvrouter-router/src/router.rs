@@ -296,6 +296,19 @@ impl KvRouter {
             .inc();
     }
 
+    /// Forgets every cached block of one rank (its engine restarted or its
+    /// event history was lost); the rank stays routable.
+    pub fn reset_rank(&self, key: WorkerKey) {
+        match &self.index {
+            Index::Exact(i) => i.lock().remove_worker_rank(key),
+            Index::Threaded { writer, reader } => {
+                writer.lock().flush();
+                reader.remove_worker_rank(key);
+            }
+            Index::Approx(i) => i.lock().remove_worker(key.worker_id),
+        }
+    }
+
     /// A load report from a worker (`kv_metrics`).
     pub fn observe_load(&self, load: &ActiveLoad) {
         self.state.lock().busy.observe(load);
@@ -741,6 +754,16 @@ fn describe(t: &LoadThresholds) -> String {
         "none".into()
     } else {
         parts.join(", ")
+    }
+}
+
+impl kvrouter_engines::KvEventSink for KvRouter {
+    fn apply_event(&self, ev: RouterEvent) {
+        KvRouter::apply_event(self, &ev);
+    }
+
+    fn reset_rank(&self, key: WorkerKey) {
+        KvRouter::reset_rank(self, key);
     }
 }
 

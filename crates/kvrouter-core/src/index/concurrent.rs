@@ -85,6 +85,14 @@ impl ShardedIndex {
         }
     }
 
+    /// Forgets one rank of a worker.
+    pub fn remove_worker_rank(&self, key: WorkerKey) {
+        let shard = self.assignment.read().get(&key.worker_id).copied();
+        if let Some(s) = shard {
+            self.shards[s].write().remove_worker_rank(key);
+        }
+    }
+
     /// Blocks held, summed over workers.
     pub fn current_size(&self) -> usize {
         self.shards.iter().map(|s| s.read().current_size()).sum()

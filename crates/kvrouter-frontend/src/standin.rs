@@ -1,0 +1,105 @@
+//! A stand-in vLLM server (`kvrouter mocker --openai-port`): one mock
+//! worker behind its own OpenAI frontend, publishing vLLM-format KV events on
+//! ZeroMQ with a replay buffer, its load under `vllm:` metric names, and its
+//! event ports at `/kv_event_sources`. Anyone can try a real-engine
+//! deployment of kvrouter without a GPU, and the tests drive exactly the
+//! adapter path a vLLM fleet takes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvrouter_core::busy::LoadThresholds;
+use kvrouter_core::{KvRouterConfig, RouterMode};
+use kvrouter_mocker::service::{self, MockWorker, WorkerConfig};
+use kvrouter_mocker::vllm::prometheus_text;
+use kvrouter_runtime::endpoint::EndpointId;
+use kvrouter_runtime::node::{Node, new_instance_id};
+use tokio::net::TcpListener;
+
+use crate::app::{EngineFacade, Endpoints};
+use crate::serve::{FrontendHandle, RoutingConfig, start_frontend};
+use crate::tokenizer::Preprocessor;
+
+/// A running stand-in engine; dropping it stops the worker (its sockets close).
+pub struct StandIn {
+    /// Its OpenAI server.
+    pub frontend: FrontendHandle,
+    worker: Option<MockWorker>,
+}
+
+impl StandIn {
+    /// Starts the worker (`cfg.zmq_events` says where its events go) and its
+    /// OpenAI server on `listener`.
+    pub async fn start(
+        cfg: WorkerConfig,
+        pre: Arc<Preprocessor>,
+        listener: TcpListener,
+    ) -> Result<Self, String> {
+        let node = Node::in_process();
+        let endpoint = EndpointId {
+            namespace: "standin".into(),
+            component: "backend".into(),
+            endpoint: "generate".into(),
+        };
+        let block_size = cfg.engine.block_size as u32;
+        let frontend = start_frontend(
+            node.clone(),
+            endpoint.clone(),
+            cfg.model_name.clone(),
+            pre,
+            RoutingConfig {
+                // One worker: its ranks are chosen by the rank header or in turn.
+                mode: RouterMode::RoundRobin,
+                kv: KvRouterConfig {
+                    use_kv_events: false,
+                    ..KvRouterConfig::default()
+                },
+                thresholds: LoadThresholds::default(),
+                block_size,
+                prefill_endpoint: None,
+                enforce_disagg: false,
+            },
+            Endpoints::default(),
+            listener,
+        )
+        .await?;
+        let ranks = cfg.data_parallel_size.max(1);
+        let sources = cfg
+            .zmq_events
+            .as_ref()
+            .map_or(serde_json::json!({}), |z| z.sources_json(ranks));
+        let model = cfg.model_name.clone();
+        let worker = service::start(&node, &endpoint, new_instance_id(), cfg)
+            .await
+            .map_err(|e| e.to_string())?;
+        let stats = worker.stats().to_vec();
+        frontend.frontend.set_engine_facade(EngineFacade {
+            metrics: Arc::new(move || prometheus_text(&model, block_size as usize, &stats)),
+            kv_event_sources: sources,
+        });
+        if !frontend
+            .frontend
+            .pool()
+            .wait_for_workers(1, Duration::from_secs(10))
+            .await
+        {
+            return Err("the stand-in's worker did not register".into());
+        }
+        Ok(Self {
+            frontend,
+            worker: Some(worker),
+        })
+    }
+
+    /// Where its OpenAI server listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.frontend.addr
+    }
+
+    /// Stops it: the worker (and its ZeroMQ sockets), then the HTTP server.
+    pub async fn shutdown(mut self) -> std::io::Result<()> {
+        drop(self.worker.take());
+        self.frontend.shutdown().await
+    }
+}
