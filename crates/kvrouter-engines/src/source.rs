@@ -161,7 +161,6 @@ impl KvEventSource {
             warn: LogLimiter::new(Duration::from_secs(10)),
             size_reported: false,
             last_digest: None,
-            reconnected: false,
         };
         let handle = tokio::spawn(feed.run(cancel.clone()));
         Self {
@@ -209,8 +208,6 @@ struct Feed {
     size_reported: bool,
     /// Hash of the last batch applied, to prove continuity across a replay.
     last_digest: Option<u64>,
-    /// The SUB lost its peer since the last message.
-    reconnected: bool,
 }
 
 impl Feed {
@@ -232,34 +229,47 @@ impl Feed {
         }
     }
 
+    /// Connects, catches up, follows; on a lost connection starts over with a
+    /// new socket (the engine may be a new process: the catch-up proves it).
+    /// Reconnection is retried here, every ≤ 2 s, rather than by the socket's
+    /// own backoff, which grows to 30 s and would leave a restarted engine's
+    /// blocks stale for that long.
     async fn run(mut self, cancel: CancellationToken) {
         use backoff::backoff::Backoff;
         let mut retry = backoff::ExponentialBackoffBuilder::new()
             .with_initial_interval(Duration::from_millis(100))
-            .with_max_interval(Duration::from_secs(5))
+            .with_max_interval(Duration::from_secs(2))
             .with_max_elapsed_time(None)
             .build();
+        let mut first = true;
         while !cancel.is_cancelled() {
             let mut sub = SubSocket::new();
             let mut monitor = sub.monitor().fuse();
             let connected = tokio::select! {
                 _ = cancel.cancelled() => return,
-                r = sub.connect(&self.cfg.endpoint) => r,
+                r = tokio::time::timeout(Duration::from_secs(1), sub.connect(&self.cfg.endpoint)) => r,
             };
-            if let Err(e) = connected {
-                tracing::warn!(endpoint = %self.cfg.endpoint, error = %e, "cannot connect to the engine's KV event publisher; retrying");
-                let wait = retry.next_backoff().unwrap_or(Duration::from_secs(5));
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(wait) => {}
+            match connected {
+                Ok(Ok(())) => {}
+                failed => {
+                    if first {
+                        tracing::warn!(endpoint = %self.cfg.endpoint, outcome = ?failed.map_err(|_| "timed out"), "cannot connect to the engine's KV event publisher; retrying");
+                        first = false;
+                    }
+                    let wait = retry.next_backoff().unwrap_or(Duration::from_secs(2));
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                    continue;
                 }
-                continue;
             }
             if let Err(e) = sub.subscribe(&self.cfg.topic).await {
                 tracing::warn!(endpoint = %self.cfg.endpoint, error = %e, "subscribe failed; retrying");
                 continue;
             }
             retry.reset();
+            first = true;
             tracing::info!(endpoint = %self.cfg.endpoint, worker = self.cfg.key.worker_id, dp_rank = self.cfg.key.dp_rank, "subscribed to engine KV events");
             // An engine that ran before the router (or while it was away) may be idle now:
             // take its history from the replay buffer instead of waiting for its next batch.
@@ -269,17 +279,9 @@ impl Feed {
                     biased;
                     _ = cancel.cancelled() => return,
                     ev = monitor.next(), if !monitor.is_terminated() => {
-                        match ev {
-                            Some(SocketEvent::Disconnected(_)) => {
-                                // The engine may come back as a new process: prove continuity first.
-                                tracing::info!(endpoint = %self.cfg.endpoint, "engine KV publisher disconnected; reconnecting");
-                                self.reconnected = true;
-                            }
-                            Some(SocketEvent::Connected(..)) if self.reconnected => {
-                                self.reconnected = false;
-                                self.sync_history().await;
-                            }
-                            _ => {}
+                        if let Some(SocketEvent::Disconnected(_)) = ev {
+                            tracing::info!(endpoint = %self.cfg.endpoint, "engine KV publisher disconnected; reconnecting");
+                            break;
                         }
                         continue;
                     }
@@ -312,23 +314,7 @@ impl Feed {
         let labels = self.labels.clone();
         let [w, r] = [labels[0].as_str(), labels[1].as_str()];
         self.metrics.batches.with_label_values(&[w, r]).inc();
-        let mut action = self.seq.observe(seq);
-        if std::mem::take(&mut self.reconnected)
-            && let Some(w) = self.seq.watermark()
-        {
-            action = match action {
-                // Numbers that fit may still come from a restarted engine: the
-                // replay's anchor tells; without a replay socket, trust them.
-                SeqAction::Apply | SeqAction::Duplicate if self.cfg.replay_endpoint.is_some() => {
-                    if self.recover(w + 1, seq).await {
-                        return;
-                    }
-                    SeqAction::Apply
-                }
-                SeqAction::Duplicate => SeqAction::Restart,
-                other => other,
-            };
-        }
+        let action = self.seq.observe(seq);
         match action {
             SeqAction::Apply => {}
             SeqAction::Duplicate => return,
@@ -407,8 +393,8 @@ impl Feed {
             let rep = replay(&endpoint, ask, self.cfg.replay_timeout).await;
             let mut batches = match rep {
                 Ok(rep) if rep.complete_from(ask) => rep.batches,
-                // Nothing published yet: nothing missed.
-                Ok(rep) if rep.batches.is_empty() && ask == 0 => return false,
+                // Nothing published yet (and nothing applied): nothing missed.
+                Ok(rep) if rep.batches.is_empty() && anchor.is_none() && ask == 0 => return false,
                 outcome => {
                     self.metrics
                         .replays

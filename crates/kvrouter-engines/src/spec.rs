@@ -118,6 +118,28 @@ impl std::str::FromStr for EngineSpec {
     }
 }
 
+impl std::fmt::Display for EngineSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.base())?;
+        if let Some(k) = &self.kv_events {
+            write!(f, ",kv-events={k}")?;
+        }
+        if let Some(r) = &self.replay {
+            write!(f, ",replay={r}")?;
+        }
+        if self.dp_size != 1 {
+            write!(f, ",dp-size={}", self.dp_size)?;
+        }
+        Ok(())
+    }
+}
+
+impl serde::Serialize for EngineSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl EngineSpec {
     /// The server's base URL as text, without the trailing slash.
     pub fn base(&self) -> String {
@@ -143,6 +165,10 @@ mod tests {
             "tcp://127.0.0.1:5558"
         );
         assert_eq!(rank_endpoint("ipc:///tmp/kv", 2), "ipc:///tmp/kv_dp2");
+        assert_eq!(
+            e.to_string(),
+            "http://127.0.0.1:8101,kv-events=tcp://127.0.0.1:5557,replay=tcp://127.0.0.1:5600,dp-size=2"
+        );
         let bare: EngineSpec = "http://gpu-3:8000".parse().unwrap();
         assert_eq!((bare.kv_events, bare.dp_size), (None, 1));
     }

@@ -26,7 +26,8 @@ use kvrouter_core::llm::{
     FinishReason, PreprocessedRequest, RoutingHints, SamplingOptions, StopConditions,
 };
 use kvrouter_router::disagg::PrefillClient;
-use kvrouter_router::{GenerateStream, WorkerPool};
+use kvrouter_router::engines::EnginePool;
+use kvrouter_router::{GenerateStream, KvRouter, WorkerPool};
 use kvrouter_runtime::endpoint::WorkerMetadata;
 use prometheus::{Encoder, Registry, TextEncoder};
 use serde_json::{Value, json};
@@ -55,11 +56,29 @@ impl Default for Endpoints {
     }
 }
 
+/// What the frontend routes to.
+pub enum Backend {
+    /// kvrouter workers (mock or token-level engines) over the runtime.
+    Workers(Arc<WorkerPool>),
+    /// External OpenAI-HTTP engines, requests forwarded unchanged.
+    Engines(Arc<EnginePool>),
+}
+
+impl Backend {
+    /// The router picking among them.
+    pub fn router(&self) -> &Arc<KvRouter> {
+        match self {
+            Backend::Workers(p) => p.router(),
+            Backend::Engines(e) => e.router(),
+        }
+    }
+}
+
 /// The frontend's shared state.
 pub struct Frontend {
     model: String,
-    pre: Arc<Preprocessor>,
-    pool: Arc<WorkerPool>,
+    pub(crate) pre: Arc<Preprocessor>,
+    backend: Backend,
     registry: Registry,
     metrics: FrontendMetrics,
     created: u64,
@@ -83,11 +102,11 @@ pub struct EngineFacade {
 }
 
 impl Frontend {
-    /// A frontend serving `model` through `pool`; metrics go to `registry`.
+    /// A frontend serving `model` through `backend`; metrics go to `registry`.
     pub fn new(
         model: impl Into<String>,
         pre: Arc<Preprocessor>,
-        pool: Arc<WorkerPool>,
+        backend: Backend,
         registry: Registry,
         prefill: Option<(PrefillClient, bool)>,
     ) -> prometheus::Result<Arc<Self>> {
@@ -98,7 +117,7 @@ impl Frontend {
         Ok(Arc::new(Self {
             model: model.into(),
             pre,
-            pool,
+            backend,
             registry,
             metrics,
             created: now.as_secs(),
@@ -119,12 +138,29 @@ impl Frontend {
         &self.model
     }
 
-    /// The worker pool.
-    pub fn pool(&self) -> &Arc<WorkerPool> {
-        &self.pool
+    /// The worker pool, when it routes to kvrouter workers.
+    pub fn pool(&self) -> Option<&Arc<WorkerPool>> {
+        match &self.backend {
+            Backend::Workers(p) => Some(p),
+            Backend::Engines(_) => None,
+        }
     }
 
-    fn next_id(&self, prefix: &str) -> String {
+    /// What it routes to.
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    /// The router.
+    pub fn router(&self) -> &Arc<KvRouter> {
+        self.backend.router()
+    }
+
+    pub(crate) fn metrics(&self) -> &FrontendMetrics {
+        &self.metrics
+    }
+
+    pub(crate) fn next_id(&self, prefix: &str) -> String {
         let n = self.ids.fetch_add(1, Ordering::Relaxed);
         format!("{prefix}-{:016x}{n:08x}", self.salt)
     }
@@ -189,21 +225,26 @@ async fn live() -> impl IntoResponse {
 }
 
 async fn health(State(s): State<Arc<Frontend>>) -> Response {
-    let instances: Vec<Value> = s
-        .pool
-        .instances()
-        .iter()
-        .map(|i| json!({"instance_id": i.id, "endpoint": i.endpoint, "address": i.address}))
-        .collect();
-    let status = if instances.is_empty() {
-        StatusCode::SERVICE_UNAVAILABLE
-    } else {
-        StatusCode::OK
+    let (instances, up): (Vec<Value>, usize) = match &s.backend {
+        Backend::Workers(pool) => {
+            let v: Vec<Value> = pool
+                .instances()
+                .iter()
+                .map(|i| json!({"instance_id": i.id, "endpoint": i.endpoint, "address": i.address}))
+                .collect();
+            let n = v.len();
+            (v, n)
+        }
+        Backend::Engines(engines) => {
+            let infos = engines.engines();
+            let n = infos.iter().filter(|e| e.healthy).count();
+            (infos.iter().map(|e| json!(e)).collect(), n)
+        }
     };
-    let word = if instances.is_empty() {
-        "unhealthy"
+    let (status, word) = if up == 0 {
+        (StatusCode::SERVICE_UNAVAILABLE, "unhealthy")
     } else {
-        "healthy"
+        (StatusCode::OK, "healthy")
     };
     (
         status,
@@ -221,12 +262,14 @@ async fn models(State(s): State<Arc<Frontend>>) -> impl IntoResponse {
 
 async fn metrics(State(s): State<Arc<Frontend>>) -> Response {
     // Model gauges are computed from what the workers declared, at scrape time.
-    let metas: Vec<WorkerMetadata> = s
-        .pool
-        .instances()
-        .iter()
-        .filter_map(|i| serde_json::from_value(i.metadata.clone()).ok())
-        .collect();
+    let metas: Vec<WorkerMetadata> = match &s.backend {
+        Backend::Workers(pool) => pool
+            .instances()
+            .iter()
+            .filter_map(|i| serde_json::from_value(i.metadata.clone()).ok())
+            .collect(),
+        Backend::Engines(_) => Vec::new(),
+    };
     let m = &s.metrics;
     let model = [s.model.as_str()];
     m.model_workers
@@ -277,7 +320,7 @@ fn thresholds_json(model: &str, t: &LoadThresholds) -> Value {
 }
 
 async fn get_busy(State(s): State<Arc<Frontend>>) -> impl IntoResponse {
-    let t = s.pool.router().thresholds();
+    let t = s.router().thresholds();
     axum::Json(json!({"thresholds": [thresholds_json(&s.model, &t)]}))
 }
 
@@ -293,7 +336,7 @@ async fn set_busy(State(s): State<Arc<Frontend>>, body: Bytes) -> Result<Respons
     if model != s.model {
         return Err(ApiError::unknown_model(model));
     }
-    let router = s.pool.router();
+    let router = s.router();
     let mut t = router.thresholds();
     // A field set to null clears that threshold; an absent field keeps it.
     let float = |k: &str| -> Result<Option<Option<f64>>, ApiError> {
@@ -335,7 +378,7 @@ async fn set_busy(State(s): State<Arc<Frontend>>, body: Bytes) -> Result<Respons
 }
 
 async fn router_state(State(s): State<Arc<Frontend>>) -> impl IntoResponse {
-    let r = s.pool.router();
+    let r = s.router();
     axum::Json(json!({
         "model": s.model,
         "router_mode": r.mode().as_str(),
@@ -347,13 +390,13 @@ async fn router_state(State(s): State<Arc<Frontend>>) -> impl IntoResponse {
 
 /// What both endpoints produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     Chat,
     Completion,
 }
 
 impl Kind {
-    fn endpoint(self) -> &'static str {
+    pub(crate) fn endpoint(self) -> &'static str {
         match self {
             Kind::Chat => "chat_completions",
             Kind::Completion => "completions",
@@ -373,7 +416,7 @@ struct Job {
 /// vLLM's header pinning a data-parallel rank.
 const DP_RANK_HEADER: &str = "x-data-parallel-rank";
 
-fn header_dp_rank(headers: &HeaderMap) -> Result<Option<u32>, ApiError> {
+pub(crate) fn header_dp_rank(headers: &HeaderMap) -> Result<Option<u32>, ApiError> {
     let Some(v) = headers.get(DP_RANK_HEADER) else {
         return Ok(None);
     };
@@ -390,6 +433,10 @@ fn header_dp_rank(headers: &HeaderMap) -> Result<Option<u32>, ApiError> {
 }
 
 async fn chat(State(s): State<Arc<Frontend>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Backend::Engines(e) = &s.backend {
+        let e = e.clone();
+        return crate::passthrough::forward(s, &e, Kind::Chat, headers, body).await;
+    }
     let started = Instant::now();
     let job = (|| {
         let dp_rank = header_dp_rank(&headers)?;
@@ -414,6 +461,10 @@ async fn chat(State(s): State<Arc<Frontend>>, headers: HeaderMap, body: Bytes) -
 }
 
 async fn completions(State(s): State<Arc<Frontend>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Backend::Engines(e) = &s.backend {
+        let e = e.clone();
+        return crate::passthrough::forward(s, &e, Kind::Completion, headers, body).await;
+    }
     let started = Instant::now();
     let job = (|| {
         let dp_rank = header_dp_rank(&headers)?;
@@ -459,7 +510,7 @@ async fn completions(State(s): State<Arc<Frontend>>, headers: HeaderMap, body: B
     respond(s, Kind::Completion, job, started).await
 }
 
-fn check_model(s: &Frontend, model: &str) -> Result<(), ApiError> {
+pub(crate) fn check_model(s: &Frontend, model: &str) -> Result<(), ApiError> {
     if model == s.model {
         Ok(())
     } else {
@@ -527,18 +578,18 @@ fn job(
 }
 
 /// Per-request metrics, settled when dropped (also on disconnect).
-struct Tracker {
+pub(crate) struct Tracker {
     s: Arc<Frontend>,
     kind: Kind,
     stream: bool,
     started: Instant,
     last: Option<Instant>,
     tokens: u32,
-    ok: bool,
+    pub(crate) ok: bool,
 }
 
 impl Tracker {
-    fn new(s: Arc<Frontend>, kind: Kind, stream: bool, started: Instant) -> Self {
+    pub(crate) fn new(s: Arc<Frontend>, kind: Kind, stream: bool, started: Instant) -> Self {
         let model = [s.model.as_str()];
         s.metrics.inflight.with_label_values(&model).inc();
         s.metrics.queued.with_label_values(&model).inc();
@@ -553,7 +604,7 @@ impl Tracker {
         }
     }
 
-    fn tokens(&mut self, n: usize) {
+    pub(crate) fn tokens(&mut self, n: usize) {
         if n == 0 {
             return;
         }
@@ -599,7 +650,7 @@ impl Drop for Tracker {
     }
 }
 
-fn count_rejected(s: &Frontend, kind: Kind) {
+pub(crate) fn count_rejected(s: &Frontend, kind: Kind) {
     s.metrics
         .requests
         .with_label_values(&[&s.model, kind.endpoint(), "unary", "rejected"])
@@ -648,7 +699,14 @@ async fn respond(
             }
         }
     }
-    let routed = match s.pool.generate(&job.request, &id).await {
+    let routed = match &s.backend {
+        Backend::Workers(pool) => pool.generate(&job.request, &id).await,
+        Backend::Engines(_) => {
+            return ApiError::internal("engine requests are forwarded, not generated")
+                .into_response();
+        }
+    };
+    let routed = match routed {
         Ok(r) => r,
         Err(e) => {
             tracker.ok = false;

@@ -132,6 +132,37 @@ impl From<GenerateError> for ApiError {
     }
 }
 
+impl From<kvrouter_engines::UpstreamError> for ApiError {
+    fn from(e: kvrouter_engines::UpstreamError) -> Self {
+        use kvrouter_engines::error::ErrorCode;
+        let (status, kind, code) = match (e.blame, e.code) {
+            (kvrouter_engines::Blame::Client, _) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_request",
+            ),
+            (_, ErrorCode::Timeout) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_error",
+                "engine_timeout",
+            ),
+            (_, ErrorCode::Unreachable) => (
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                "engine_unreachable",
+            ),
+            _ => (StatusCode::BAD_GATEWAY, "upstream_error", "engine_failed"),
+        };
+        Self {
+            status,
+            message: e.message,
+            kind,
+            param: None,
+            code,
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status, axum::Json(self.body())).into_response()

@@ -7,17 +7,22 @@
 //! - [`tokenizer`]: Hugging Face tokenizer, Jinja chat template, streaming
 //!   detokenizer; [`stop`]: stop strings over streamed text.
 //! - [`metrics`]: `dynamo_frontend_*` metrics.
-//! - [`serve`]: a frontend over any runtime, and the embedded all-in-one
-//!   deployment (`kvrouter serve`).
+//! - [`passthrough`]: requests for external engines (`--engine`), forwarded
+//!   unchanged and routed by their tokens.
+//! - [`serve`]: a frontend over any runtime or over external engines, and the
+//!   embedded all-in-one deployment (`kvrouter serve`); [`standin`]: a mock
+//!   worker dressed as a vLLM server (`kvrouter mocker --openai-port`).
 
 pub mod app;
 pub mod error;
 pub mod metrics;
 pub mod openai;
+pub(crate) mod passthrough;
 pub mod serve;
+pub mod standin;
 pub mod stop;
 pub mod tokenizer;
 
-pub use app::{Endpoints, Frontend, app};
+pub use app::{Backend, Endpoints, EngineFacade, Frontend, app};
 pub use serve::{Embedded, EmbeddedConfig, FrontendHandle, RoutingConfig, start_frontend};
 pub use tokenizer::Preprocessor;

@@ -1,6 +1,7 @@
-//! Compositions: a frontend over a worker endpoint (any runtime), and the
-//! embedded all-in-one `serve` — frontend, KV router and N mock workers in one
-//! process over in-memory discovery and events, requests on loopback TCP.
+//! Compositions: a frontend over a worker endpoint (any runtime), a frontend
+//! over external engines (`--engine`), and the embedded all-in-one `serve` —
+//! frontend, KV router and N mock workers in one process over in-memory
+//! discovery and events, requests on loopback TCP.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,9 +9,11 @@ use std::time::Duration;
 
 use kvrouter_core::busy::LoadThresholds;
 use kvrouter_core::{KvRouterConfig, RouterMode};
+use kvrouter_engines::EngineMetrics;
 use kvrouter_mocker::engine::EngineConfig;
 use kvrouter_mocker::service::{self, MockWorker, WorkerConfig};
 use kvrouter_router::disagg::PrefillClient;
+use kvrouter_router::engines::{EnginePool, EnginePoolConfig};
 use kvrouter_router::{KvRouter, RouterMetrics, WorkerPool};
 use kvrouter_runtime::endpoint::{EndpointId, InstanceId};
 use kvrouter_runtime::node::{Node, new_instance_id};
@@ -19,7 +22,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{Endpoints, Frontend, app, run};
+use crate::app::{Backend, Endpoints, Frontend, app, run};
 use crate::tokenizer::Preprocessor;
 
 /// How the frontend routes.
@@ -86,7 +89,18 @@ pub async fn start_frontend(
         .prefill_endpoint
         .map(|e| (PrefillClient::new(node.clone(), e), routing.enforce_disagg));
     let pool = WorkerPool::start(node, endpoint, router, cancel.child_token()).await?;
-    let frontend = Frontend::new(model, pre, pool, registry, prefill).map_err(|e| e.to_string())?;
+    let frontend = Frontend::new(model, pre, Backend::Workers(pool), registry, prefill)
+        .map_err(|e| e.to_string())?;
+    listen(frontend, endpoints, listener, cancel)
+}
+
+/// Serves `frontend` on `listener` until the handle shuts it down.
+fn listen(
+    frontend: Arc<Frontend>,
+    endpoints: Endpoints,
+    listener: TcpListener,
+    cancel: CancellationToken,
+) -> Result<FrontendHandle, String> {
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let token = cancel.clone();
     let server = tokio::spawn(run(
@@ -100,6 +114,44 @@ pub async fn start_frontend(
         cancel,
         server,
     })
+}
+
+/// Block size assumed for engines that neither report one nor are given one
+/// (vLLM's default).
+pub const DEFAULT_ENGINE_BLOCK_SIZE: u32 = 16;
+
+/// Starts a frontend over external engines (`--engine`): asks them their
+/// model, block size and event ports, then routes and forwards to them.
+/// Without events from any engine, KV routing is approximate.
+pub async fn start_engine_frontend(
+    engines: EnginePoolConfig,
+    pre: Arc<Preprocessor>,
+    routing: RoutingConfig,
+    block_size: Option<u32>,
+    endpoints: Endpoints,
+    listener: TcpListener,
+) -> Result<FrontendHandle, String> {
+    let registry = Registry::new();
+    let metrics = RouterMetrics::new(&registry).map_err(|e| e.to_string())?;
+    let engine_metrics = EngineMetrics::new(&registry).map_err(|e| e.to_string())?;
+    let found = EnginePool::discover(engines).await?;
+    let block_size = block_size
+        .or_else(|| found.block_size())
+        .unwrap_or(DEFAULT_ENGINE_BLOCK_SIZE);
+    let mut kv = routing.kv;
+    if routing.mode == RouterMode::Kv && kv.use_kv_events && !found.publishes_events() {
+        tracing::warn!(
+            "no engine publishes KV events: routing approximately (caches predicted from the router's own decisions)"
+        );
+        kv.use_kv_events = false;
+    }
+    let router = KvRouter::new(routing.mode, kv, block_size, routing.thresholds, metrics);
+    let cancel = CancellationToken::new();
+    let model = found.model().to_string();
+    let pool = found.start(router, engine_metrics, cancel.child_token());
+    let frontend = Frontend::new(model, pre, Backend::Engines(pool), registry, None)
+        .map_err(|e| e.to_string())?;
+    listen(frontend, endpoints, listener, cancel)
 }
 
 /// Everything `kvrouter serve` runs.
@@ -177,7 +229,12 @@ impl Embedded {
         for _ in 0..cfg.workers {
             me.add_worker().await?;
         }
-        let pool = me.frontend.frontend.pool().clone();
+        let pool = me
+            .frontend
+            .frontend
+            .pool()
+            .expect("serve routes to its own workers")
+            .clone();
         if !pool
             .wait_for_workers(cfg.workers as usize, Duration::from_secs(10))
             .await

@@ -17,7 +17,7 @@ use kvrouter_runtime::endpoint::EndpointId;
 use kvrouter_runtime::node::{Node, new_instance_id};
 use tokio::net::TcpListener;
 
-use crate::app::{EngineFacade, Endpoints};
+use crate::app::{Endpoints, EngineFacade};
 use crate::serve::{FrontendHandle, RoutingConfig, start_frontend};
 use crate::tokenizer::Preprocessor;
 
@@ -81,6 +81,7 @@ impl StandIn {
         if !frontend
             .frontend
             .pool()
+            .expect("the stand-in routes to its own worker")
             .wait_for_workers(1, Duration::from_secs(10))
             .await
         {

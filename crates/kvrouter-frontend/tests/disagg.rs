@@ -93,6 +93,7 @@ async fn prefill_pool_then_decode_with_transferred_kv() {
         front
             .frontend
             .pool()
+            .unwrap()
             .wait_for_workers(2, Duration::from_secs(5))
             .await
     );

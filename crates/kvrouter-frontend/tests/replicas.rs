@@ -41,6 +41,7 @@ async fn frontend(node: &Node, endpoint: &EndpointId) -> FrontendHandle {
     assert!(
         f.frontend
             .pool()
+            .unwrap()
             .wait_for_workers(2, Duration::from_secs(5))
             .await
     );

@@ -77,10 +77,13 @@ impl ZmqEventsConfig {
     }
 }
 
+/// A block's tokens and the number of in-flight requests holding them.
+type Entry = (Arc<[u32]>, u32);
+
 /// Prompt tokens of the blocks in-flight requests may store, by content hash.
 #[derive(Debug, Default)]
 pub struct TokenBook {
-    blocks: Mutex<HashMap<u64, (Arc<[u32]>, u32)>>,
+    blocks: Mutex<HashMap<u64, Entry>>,
 }
 
 /// Keeps a request's prompt blocks in the book until it ends.
@@ -208,7 +211,8 @@ pub struct RankStats {
 pub fn prometheus_text(model: &str, block_size: usize, ranks: &[Arc<RankStats>]) -> String {
     use std::fmt::Write;
     let mut out = String::new();
-    let gauges: [(&str, &str, fn(&RankStats) -> f64); 3] = [
+    type Read = fn(&RankStats) -> f64;
+    let families: [(&str, &str, Read); 5] = [
         ("vllm:num_requests_running", "gauge", |s| {
             s.running.load(Ordering::Relaxed) as f64
         }),
@@ -219,27 +223,15 @@ pub fn prometheus_text(model: &str, block_size: usize, ranks: &[Arc<RankStats>])
             s.kv_used_blocks.load(Ordering::Relaxed) as f64
                 / s.kv_total_blocks.load(Ordering::Relaxed).max(1) as f64
         }),
-    ];
-    let counters: [(&str, fn(&RankStats) -> f64); 2] = [
-        ("vllm:prefix_cache_queries_total", |s| {
+        ("vllm:prefix_cache_queries_total", "counter", |s| {
             s.prefix_queries.load(Ordering::Relaxed) as f64
         }),
-        ("vllm:prefix_cache_hits_total", |s| {
+        ("vllm:prefix_cache_hits_total", "counter", |s| {
             s.prefix_hits.load(Ordering::Relaxed) as f64
         }),
     ];
-    for (name, kind, f) in gauges {
+    for (name, kind, f) in families {
         let _ = writeln!(out, "# TYPE {name} {kind}");
-        for (r, s) in ranks.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "{name}{{engine=\"{r}\",model_name=\"{model}\"}} {}",
-                f(s)
-            );
-        }
-    }
-    for (name, f) in counters {
-        let _ = writeln!(out, "# TYPE {name} counter");
         for (r, s) in ranks.iter().enumerate() {
             let _ = writeln!(
                 out,

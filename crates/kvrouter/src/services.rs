@@ -15,9 +15,15 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use kvrouter_core::busy::LoadThresholds;
 use kvrouter_core::{KvRouterConfig, RouterMode};
-use kvrouter_frontend::serve::{Embedded, EmbeddedConfig, RoutingConfig, start_frontend};
+use kvrouter_frontend::serve::{
+    DEFAULT_ENGINE_BLOCK_SIZE, Embedded, EmbeddedConfig, RoutingConfig, start_engine_frontend,
+    start_frontend,
+};
+use kvrouter_frontend::standin::StandIn;
 use kvrouter_frontend::{Endpoints, Preprocessor};
 use kvrouter_mocker::service::{self, WorkerConfig};
+use kvrouter_mocker::vllm::ZmqEventsConfig;
+use kvrouter_router::engines::EnginePoolConfig;
 use kvrouter_runtime::discovery::{
     Discovery, EtcdDiscovery, FileDiscovery, MemDiscovery, etcd_endpoints,
 };
@@ -95,6 +101,9 @@ pub fn serve(
 ) -> anyhow::Result<()> {
     init_tracing();
     let f = &args.frontend;
+    if !f.engines.engines.is_empty() {
+        return engines_frontend("serve", f, kv, thresholds);
+    }
     let pre = preprocessor(&f.model, f.runtime.custom_jinja_template.as_deref())?;
     let model = f
         .model
@@ -134,6 +143,58 @@ pub fn serve(
         }
         eprintln!("kvrouter serve: shutting down");
         embedded.shutdown().await.context("HTTP server")?;
+        Ok(())
+    })
+}
+
+/// `serve` / `frontend` with `--engine`: the OpenAI API over external engines.
+fn engines_frontend(
+    name: &str,
+    f: &FrontendArgs,
+    kv: KvRouterConfig,
+    thresholds: LoadThresholds,
+) -> anyhow::Result<()> {
+    let pre = preprocessor(&f.model, f.runtime.custom_jinja_template.as_deref())?;
+    let mut cfg = EnginePoolConfig::new(f.engines.engines.clone());
+    cfg.model_name = f.model.model_name.clone();
+    let routing = RoutingConfig {
+        mode: f.routing.router_mode,
+        kv,
+        thresholds,
+        block_size: f
+            .routing
+            .kv_cache_block_size
+            .unwrap_or(DEFAULT_ENGINE_BLOCK_SIZE),
+        prefill_endpoint: None,
+        enforce_disagg: false,
+    };
+    runtime()?.block_on(async move {
+        let listener = bind(&f.http.http_host, f.http.http_port).await?;
+        let mut handle = start_engine_frontend(
+            cfg,
+            pre,
+            routing,
+            f.routing.kv_cache_block_size,
+            endpoints(&f.runtime.endpoint_types),
+            listener,
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
+        let router = handle.frontend.router();
+        println!(
+            "kvrouter {name}: OpenAI API on http://{} — model {}, {} engines, router mode {}{}, block size {}",
+            handle.addr,
+            handle.frontend.model(),
+            f.engines.engines.len(),
+            router.mode(),
+            if router.config().use_kv_events { "" } else { " (approximate)" },
+            router.block_size()
+        );
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            r = handle.wait() => r.context("HTTP server")?,
+        }
+        handle.shutdown().await.context("HTTP server")?;
         Ok(())
     })
 }
@@ -209,6 +270,9 @@ pub fn frontend(
     thresholds: LoadThresholds,
 ) -> anyhow::Result<()> {
     init_tracing();
+    if !args.engines.engines.is_empty() {
+        return engines_frontend("frontend", args, kv, thresholds);
+    }
     let pre = preprocessor(&args.model, args.runtime.custom_jinja_template.as_deref())?;
     runtime()?.block_on(async move {
         let node = node(&args.runtime, "0.0.0.0").await?;
@@ -305,27 +369,61 @@ pub fn frontend(
     })
 }
 
-/// `kvrouter mocker`.
+/// `kvrouter mocker`: workers on the runtime, or one stand-in vLLM server (`--openai-port`).
 pub fn mocker(args: &MockerArgs) -> anyhow::Result<()> {
     init_tracing();
     let pre = preprocessor(&args.model, None)?;
     let endpoint: EndpointId = args.endpoint.parse().map_err(anyhow::Error::msg)?;
+    let s = &args.standin;
+    let zmq_events = s.zmq_kv_events_port.map(|port| ZmqEventsConfig {
+        host: s.openai_host.clone(),
+        port,
+        replay_port: s.zmq_replay_port,
+        format: s.zmq_event_format.into(),
+    });
+    let cfg = WorkerConfig {
+        engine: args.engine.engine_config(),
+        data_parallel_size: args.engine.data_parallel_size,
+        model_name: args
+            .model
+            .model_name
+            .clone()
+            .unwrap_or_else(|| "mock-model".into()),
+        vocab: pre.ordinary_tokens(),
+        eos_probability: EOS_PROBABILITY,
+        context_length: pre.context_length(),
+        durable_kv_events: args.durable_kv_events,
+        role: args.disaggregation_mode.into(),
+        zmq_events,
+    };
     runtime()?.block_on(async move {
+        if let Some(port) = s.openai_port {
+            let listener = bind(&s.openai_host, port).await?;
+            let standin = StandIn::start(cfg.clone(), pre, listener)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            let events = match (s.zmq_kv_events_port, s.zmq_replay_port) {
+                (Some(z), Some(r)) => format!(
+                    ", KV events on tcp://{}:{z} (replay {r}), {:?} form",
+                    s.openai_host, s.zmq_event_format
+                ),
+                (Some(z), None) => format!(
+                    ", KV events on tcp://{}:{z} (no replay), {:?} form",
+                    s.openai_host, s.zmq_event_format
+                ),
+                _ => ", no KV events".into(),
+            };
+            println!(
+                "kvrouter mocker: stand-in engine for {} on http://{}{events}, block size {}",
+                cfg.model_name,
+                standin.addr(),
+                cfg.engine.block_size
+            );
+            shutdown_signal().await;
+            standin.shutdown().await.context("HTTP server")?;
+            return Ok(());
+        }
         let node = node(&args.runtime, "0.0.0.0").await?;
-        let cfg = WorkerConfig {
-            engine: args.engine.engine_config(),
-            data_parallel_size: args.engine.data_parallel_size,
-            model_name: args
-                .model
-                .model_name
-                .clone()
-                .unwrap_or_else(|| "mock-model".into()),
-            vocab: pre.ordinary_tokens(),
-            eos_probability: EOS_PROBABILITY,
-            context_length: pre.context_length(),
-            durable_kv_events: args.durable_kv_events,
-            role: args.disaggregation_mode.into(),
-        };
         let mut workers = Vec::new();
         for _ in 0..args.num_workers {
             let id = new_instance_id();

@@ -158,3 +158,97 @@ async fn serve_answers_openai_requests() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// `--engine` values and combinations a deployment script can get wrong:
+/// each is a usage error (exit 2) naming the flag.
+#[test]
+fn bad_engine_flags_exit_2_naming_them() {
+    let cases: &[(&[&str], &[&str])] = &[
+        (
+            &["serve", "--engine", "gpu-1:8000"],
+            &["--engine", "http(s)://host:port"],
+        ),
+        (
+            &["serve", "--engine", "http://h:1,dp-size=0"],
+            &["--engine", "dp-size"],
+        ),
+        (
+            &["serve", "--engine", "http://h:1,kv-events=h:5557"],
+            &["--engine", "tcp://host:port"],
+        ),
+        (
+            &[
+                "serve",
+                "--engine",
+                "http://h:1",
+                "--engine",
+                "http://h:1,dp-size=2",
+            ],
+            &["--engine", "more than once"],
+        ),
+        (
+            &["serve", "--engine", "http://h:1", "--workers", "2"],
+            &["--workers", "no mock worker"],
+        ),
+        (
+            &["serve", "--engine", "http://h:1", "--block-size", "32"],
+            &["--block-size", "no mock worker"],
+        ),
+        (
+            &[
+                "frontend",
+                "--engine",
+                "http://h:1",
+                "--router-endpoint",
+                "a.router.generate",
+            ],
+            &["--router-endpoint"],
+        ),
+        (
+            &["mocker", "--openai-host", "127.0.0.1"],
+            &["--openai-host", "--openai-port"],
+        ),
+        (
+            &["mocker", "--zmq-replay-port", "5600"],
+            &["--zmq-replay-port", "--zmq-kv-events-port"],
+        ),
+        (
+            &["mocker", "--openai-port", "8101", "--num-workers", "2"],
+            &["--openai-port", "--num-workers"],
+        ),
+    ];
+    for (args, words) in cases {
+        let out = kvrouter().args(*args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        for w in *words {
+            assert!(err.contains(w), "{args:?}: {w:?} not in {err}");
+        }
+    }
+    // The documented deployment form is valid as it stands.
+    let ok = kvrouter()
+        .args([
+            "serve",
+            "--http-port",
+            "8000",
+            "--router-mode",
+            "kv",
+            "--model-path",
+            ".",
+            "--kv-cache-block-size",
+            "16",
+            "--engine",
+            "http://127.0.0.1:8101,kv-events=tcp://127.0.0.1:5557",
+            "--engine",
+            "http://127.0.0.1:8102,kv-events=tcp://127.0.0.1:5558",
+            "--check-config",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+}

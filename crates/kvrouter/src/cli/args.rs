@@ -339,6 +339,64 @@ pub struct RoutingArgs {
     pub prefill_router_endpoint: Option<String>,
 }
 
+/// External engines (`frontend`, `serve`).
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct EngineSetArgs {
+    /// An OpenAI-compatible engine to route to (vLLM, SGLang, trtllm-serve):
+    /// `URL[,kv-events=tcp://HOST:PORT][,replay=tcp://HOST:PORT][,dp-size=N]`; repeat
+    /// for each engine (in the environment, separate them with spaces). Rank r's
+    /// events are on PORT + r. Without kv-events= the ports are asked of the engine
+    /// (/kv_event_sources, /server_info); engines without events are routed
+    /// approximately. Requests are forwarded unchanged, so migration is possible
+    /// only before the first byte. `serve` starts no mock worker when any is given.
+    #[arg(long = "engine", id = "engines", value_name = "URL[,OPTS]", value_delimiter = ' ', value_parser = parse_engine, help_heading = "Engines")]
+    pub engines: Vec<kvrouter_engines::EngineSpec>,
+}
+
+fn parse_engine(s: &str) -> Result<kvrouter_engines::EngineSpec, String> {
+    s.parse()
+}
+
+/// How events are written by a stand-in engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ZmqEventFormat {
+    /// `{"type": …}` maps (vLLM ≥ 0.24, SGLang ≥ 0.5.20).
+    Map,
+    /// Tag-first arrays (vLLM ≤ 0.23, SGLang ≤ 0.5.19).
+    Array,
+}
+
+impl From<ZmqEventFormat> for kvrouter_engines::publisher::EventFormat {
+    fn from(f: ZmqEventFormat) -> Self {
+        match f {
+            ZmqEventFormat::Map => Self::Map,
+            ZmqEventFormat::Array => Self::Array,
+        }
+    }
+}
+
+/// The mocker as a stand-in vLLM server.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct StandInArgs {
+    /// Serve the OpenAI API on this port, as a vLLM server would (one engine per
+    /// process, no discovery or NATS needed).
+    #[arg(long, value_name = "PORT", help_heading = "Stand-in engine")]
+    pub openai_port: Option<u16>,
+    /// Address the stand-in's HTTP and ZeroMQ sockets bind.
+    #[arg(long, default_value = "0.0.0.0", help_heading = "Stand-in engine")]
+    pub openai_host: String,
+    /// Publish KV events as vLLM does on ZeroMQ PUB port PORT (+ rank).
+    #[arg(long, value_name = "PORT", help_heading = "Stand-in engine")]
+    pub zmq_kv_events_port: Option<u16>,
+    /// Replay buffered events on ZeroMQ ROUTER port PORT (+ rank).
+    #[arg(long, value_name = "PORT", help_heading = "Stand-in engine")]
+    pub zmq_replay_port: Option<u16>,
+    /// Event encoding: map (vLLM ≥ 0.24) or array (older vLLM).
+    #[arg(long, value_enum, default_value_t = ZmqEventFormat::Map, help_heading = "Stand-in engine")]
+    pub zmq_event_format: ZmqEventFormat,
+}
+
 /// The simulated engine (`mocker`, `serve`).
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct EngineArgs {

@@ -196,6 +196,13 @@ pub const ENV: &[EnvVar] = &[
     value("data_parallel_size", &["DYN_MOCKER_DATA_PARALLEL_SIZE"]),
     value("num_workers", &["DYN_MOCKER_NUM_WORKERS"]),
     value("workers", &["DYN_SERVE_WORKERS"]),
+    // External engines and the stand-in engine.
+    value("engines", &["DYN_ENGINES"]),
+    value("openai_port", &["DYN_MOCKER_OPENAI_PORT"]),
+    value("openai_host", &["DYN_MOCKER_OPENAI_HOST"]),
+    value("zmq_kv_events_port", &["DYN_MOCKER_ZMQ_KV_EVENTS_PORT"]),
+    value("zmq_replay_port", &["DYN_MOCKER_ZMQ_REPLAY_PORT"]),
+    value("zmq_event_format", &["DYN_MOCKER_ZMQ_EVENT_FORMAT"]),
     // Simulator.
     value("trace", &["DYN_SIM_TRACE"]),
     value("sim_workers", &["DYN_SIM_WORKERS"]),

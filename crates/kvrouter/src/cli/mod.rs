@@ -20,7 +20,8 @@ use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand}
 
 use crate::bench::BenchCommand;
 use args::{
-    BusyArgs, EngineArgs, HttpArgs, KvArgs, ModelArgs, QueueArgs, RoutingArgs, RuntimeArgs,
+    BusyArgs, EngineArgs, EngineSetArgs, HttpArgs, KvArgs, ModelArgs, QueueArgs, RoutingArgs,
+    RuntimeArgs,
 };
 use env::{EnvKind, EnvSource};
 
@@ -111,6 +112,9 @@ pub struct FrontendArgs {
     pub busy: BusyArgs,
     #[command(flatten)]
     #[allow(missing_docs)]
+    pub engines: EngineSetArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
     pub runtime: RuntimeArgs,
 }
 
@@ -181,6 +185,9 @@ pub struct MockerArgs {
     /// The workers' part in disaggregated serving.
     #[arg(long, value_enum, default_value_t = args::DisaggregationMode::Agg)]
     pub disaggregation_mode: args::DisaggregationMode,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub standin: args::StandInArgs,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub runtime: RuntimeArgs,

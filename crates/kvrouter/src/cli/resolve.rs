@@ -183,6 +183,8 @@ impl Parsed {
     /// Validates every rule; returns the settings or every problem found.
     pub fn resolve(&self) -> Result<Resolved, Vec<Problem>> {
         let mut p = Vec::new();
+        // Whether the user set an argument (command line or environment).
+        let explicit = |id: &str| self.sources.get(id).is_some_and(|s| *s != Source::Default);
         let mut settings = Map::new();
         let mut put = |v: Value| {
             if let Value::Object(m) = v {
@@ -192,7 +194,7 @@ impl Parsed {
         let (sub, kv, th, block_size, store_kv): (&'static str, _, _, _, _) = match &self.command {
             Command::Frontend(a) => {
                 let sub = "frontend";
-                let (kv, th, groups) = frontend_settings(sub, a, &mut p);
+                let (kv, th, groups) = frontend_settings(sub, a, &explicit, &mut p);
                 groups.into_iter().for_each(&mut put);
                 (
                     sub,
@@ -278,6 +280,8 @@ impl Parsed {
             Command::Mocker(a) => {
                 let sub = "mocker";
                 runtime_problems(sub, &a.runtime, &mut p);
+                standin_problems(sub, a, &explicit, &mut p);
+                put(json!(a.standin));
                 engine_problems(sub, &a.engine, &mut p);
                 must_exist(sub, "model_path", a.model.model_path.as_deref(), &mut p);
                 if !valid_endpoint(&a.endpoint) {
@@ -321,11 +325,36 @@ impl Parsed {
             Command::Serve(a) => {
                 let sub = "serve";
                 let f = &a.frontend;
-                let (kv, th, groups) = frontend_settings(sub, f, &mut p);
+                let (kv, th, groups) = frontend_settings(sub, f, &explicit, &mut p);
                 groups.into_iter().for_each(&mut put);
                 engine_problems(sub, &a.engine, &mut p);
+                let external = !f.engines.engines.is_empty();
+                if external {
+                    // With --engine no mock worker starts: its flags would do nothing.
+                    let mock_ids = [
+                        "workers",
+                        "num_gpu_blocks",
+                        "block_size",
+                        "max_num_seqs",
+                        "max_num_batched_tokens",
+                        "enable_prefix_caching",
+                        "no_enable_prefix_caching",
+                        "enable_chunked_prefill",
+                        "no_enable_chunked_prefill",
+                        "watermark",
+                        "speedup_ratio",
+                        "data_parallel_size",
+                    ];
+                    for id in mock_ids.into_iter().filter(|id| explicit(id)) {
+                        p.push(Problem {
+                            flags: vec![flag(sub, "engines"), flag(sub, id)],
+                            message: "no mock worker starts when --engine is given".into(),
+                        });
+                    }
+                }
                 if let Some(bs) = f.routing.kv_cache_block_size
                     && bs != a.engine.block_size
+                    && !external
                 {
                     p.push(Problem {
                         flags: vec![flag(sub, "kv_cache_block_size"), flag(sub, "block_size")],
@@ -356,13 +385,12 @@ impl Parsed {
                 put(
                     json!({"enable_prefix_caching": a.engine.enable_prefix_caching(), "enable_chunked_prefill": a.engine.enable_chunked_prefill()}),
                 );
-                (
-                    sub,
-                    Some(kv),
-                    Some(th),
-                    Some(a.engine.block_size),
-                    Some(StoreKv::Mem),
-                )
+                let block_size = if external {
+                    f.routing.kv_cache_block_size
+                } else {
+                    Some(a.engine.block_size)
+                };
+                (sub, Some(kv), Some(th), block_size, Some(StoreKv::Mem))
             }
             Command::Sim(a) => {
                 let sub = "sim";
@@ -505,9 +533,11 @@ impl Parsed {
 fn frontend_settings(
     sub: &str,
     a: &super::FrontendArgs,
+    explicit: &dyn Fn(&str) -> bool,
     p: &mut Vec<Problem>,
 ) -> (KvRouterConfig, LoadThresholds, Vec<Value>) {
     runtime_problems(sub, &a.runtime, p);
+    engine_set_problems(sub, a, explicit, p);
     must_exist(sub, "model_path", a.model.model_path.as_deref(), p);
     if let Some(bs) = a.routing.kv_cache_block_size
         && bs < 2
@@ -539,12 +569,123 @@ fn frontend_settings(
         json!(a.routing),
         json!(a.busy),
         json!(a.runtime),
+        json!(a.engines),
     ];
     (
         kv_config(&a.kv, Some(&a.queue)),
         thresholds(&a.busy),
         groups,
     )
+}
+
+/// `--engine`: no engine twice, and nothing that only applies to kvrouter workers.
+fn engine_set_problems(
+    sub: &str,
+    a: &super::FrontendArgs,
+    explicit: &dyn Fn(&str) -> bool,
+    p: &mut Vec<Problem>,
+) {
+    let engines = &a.engines.engines;
+    let mut seen = std::collections::BTreeSet::new();
+    for e in engines {
+        if !seen.insert(e.base()) {
+            p.push(Problem {
+                flags: vec![flag(sub, "engines")],
+                message: format!("{} is given more than once", e.base()),
+            });
+        }
+    }
+    if engines.is_empty() {
+        return;
+    }
+    for id in ["router_endpoint", "prefill_router_endpoint"] {
+        if explicit(id) {
+            p.push(Problem {
+                flags: vec![flag(sub, "engines"), flag(sub, id)],
+                message: "requests go straight to the --engine servers; a router endpoint cannot apply too".into(),
+            });
+        }
+    }
+    for id in ["store_kv", "request_plane", "event_plane"] {
+        if explicit(id) && sub != "serve" {
+            p.push(Problem {
+                flags: vec![flag(sub, "engines"), flag(sub, id)],
+                message: "engines are reached over HTTP and ZeroMQ directly: no discovery or planes are used".into(),
+            });
+        }
+    }
+}
+
+/// The stand-in engine's flags: each only with what it applies to.
+fn standin_problems(
+    sub: &str,
+    a: &super::MockerArgs,
+    explicit: &dyn Fn(&str) -> bool,
+    p: &mut Vec<Problem>,
+) {
+    let s = &a.standin;
+    let mut need = |id: &str, needed: &str, ok: bool| {
+        if explicit(id) && !ok {
+            p.push(Problem {
+                flags: vec![flag(sub, id)],
+                message: format!("applies only with {}", flag(sub, needed)),
+            });
+        }
+    };
+    need("openai_host", "openai_port", s.openai_port.is_some());
+    need(
+        "zmq_replay_port",
+        "zmq_kv_events_port",
+        s.zmq_kv_events_port.is_some(),
+    );
+    need(
+        "zmq_event_format",
+        "zmq_kv_events_port",
+        s.zmq_kv_events_port.is_some(),
+    );
+    let ranks = a.engine.data_parallel_size.max(1);
+    for id in ["zmq_kv_events_port", "zmq_replay_port"] {
+        let port = if id == "zmq_kv_events_port" {
+            s.zmq_kv_events_port
+        } else {
+            s.zmq_replay_port
+        };
+        if let Some(port) = port
+            && u32::from(port) + ranks - 1 > u32::from(u16::MAX)
+        {
+            p.push(Problem {
+                flags: vec![flag(sub, id), flag(sub, "data_parallel_size")],
+                message: format!(
+                    "rank {} would publish on port {}",
+                    ranks - 1,
+                    u32::from(port) + ranks - 1
+                ),
+            });
+        }
+    }
+    if s.zmq_kv_events_port.is_some() && s.openai_port.is_none() && a.num_workers != 1 {
+        p.push(Problem {
+            flags: vec![flag(sub, "zmq_kv_events_port"), flag(sub, "num_workers")],
+            message: "each worker would bind the same ZeroMQ ports: run one worker per process"
+                .into(),
+        });
+    }
+    if s.openai_port.is_some() {
+        if a.num_workers != 1 {
+            p.push(Problem {
+                flags: vec![flag(sub, "openai_port"), flag(sub, "num_workers")],
+                message: "a stand-in engine is one engine per process (data-parallel ranks: --data-parallel-size)".into(),
+            });
+        }
+        for id in ["durable_kv_events", "disaggregation_mode", "endpoint"] {
+            if explicit(id) {
+                p.push(Problem {
+                    flags: vec![flag(sub, "openai_port"), flag(sub, id)],
+                    message: "a stand-in engine serves HTTP only: it registers nowhere".into(),
+                });
+            }
+        }
+    }
 }
 
 fn engine_problems(sub: &str, e: &super::args::EngineArgs, out: &mut Vec<Problem>) {

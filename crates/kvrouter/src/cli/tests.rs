@@ -134,6 +134,58 @@ fn flag_rows() -> Vec<(
             json!("prefill"),
         ),
         (
+            "engines",
+            "frontend",
+            vec![
+                "--engine",
+                "http://127.0.0.1:8101,kv-events=tcp://127.0.0.1:5557",
+            ],
+            "engines",
+            json!(["http://127.0.0.1:8101,kv-events=tcp://127.0.0.1:5557"]),
+        ),
+        // Stand-in flags that apply only with another: that one comes first
+        // (the environment test sets it on the command line as context).
+        (
+            "openai_port",
+            "mocker",
+            vec!["--openai-port", "8101"],
+            "openai_port",
+            json!(8101),
+        ),
+        (
+            "openai_host",
+            "mocker",
+            vec!["--openai-port", "8101", "--openai-host", "127.0.0.1"],
+            "openai_host",
+            json!("127.0.0.1"),
+        ),
+        (
+            "zmq_kv_events_port",
+            "mocker",
+            vec!["--zmq-kv-events-port", "5557"],
+            "zmq_kv_events_port",
+            json!(5557),
+        ),
+        (
+            "zmq_replay_port",
+            "mocker",
+            vec!["--zmq-kv-events-port", "5557", "--zmq-replay-port", "5600"],
+            "zmq_replay_port",
+            json!(5600),
+        ),
+        (
+            "zmq_event_format",
+            "mocker",
+            vec![
+                "--zmq-kv-events-port",
+                "5557",
+                "--zmq-event-format",
+                "array",
+            ],
+            "zmq_event_format",
+            json!("array"),
+        ),
+        (
             "router_endpoint",
             "frontend",
             vec!["--router-endpoint", "pool.router.generate"],
@@ -606,6 +658,7 @@ fn every_environment_variable_is_read() {
     for var in ENV {
         for name in var.names {
             // Take the flag row's value; switches are tested in their non-default direction.
+            let mut context: &[&str] = &[];
             let (sub, env_value, key, want) = match var.kind {
                 EnvKind::Value => {
                     let row = rows
@@ -613,6 +666,8 @@ fn every_environment_variable_is_read() {
                         .find(|r| r.0 == var.arg)
                         .expect("row per env arg");
                     let v = row.2.last().expect("a value token").to_string();
+                    // Flags before the one under test are context it needs.
+                    context = &row.2[..row.2.len() - 2];
                     (row.1, v, row.3, row.4.clone())
                 }
                 EnvKind::Bool {
@@ -632,7 +687,7 @@ fn every_environment_variable_is_read() {
                     (row.1, "true".to_string(), row.3, row.4.clone())
                 }
             };
-            let (_, dump) = run_without(sub, &[], &env(&[(name, &env_value)]), var.arg);
+            let (_, dump) = run_without(sub, context, &env(&[(name, &env_value)]), var.arg);
             assert_eq!(value(&dump, key), want, "{name}={env_value}");
             assert_eq!(dump["sources"][key], json!(format!("env:{name}")), "{name}");
             tested += 1;

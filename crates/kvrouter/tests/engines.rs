@@ -1,0 +1,525 @@
+//! `kvrouter serve --engine` over stand-in engines (`kvrouter mocker
+//! --openai-port`, vLLM's wire formats), every one a separate process on
+//! loopback: requests sharing a prefix land where the engines' KV events
+//! say, the engine's cached tokens match the router's predicted overlap, a
+//! restarted router rebuilds its index from the engines' replay buffers, an
+//! engine restart clears and rebuilds its blocks, a killed engine gives the
+//! client a clean error and leaves routing within 2 s, and an engine's 400
+//! reaches the client unchanged.
+
+use std::io::BufRead;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const BS: u32 = 16;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn kvrouter() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kvrouter"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("DYN_") {
+            c.env_remove(k);
+        }
+    }
+    c.env("RUST_LOG", "warn");
+    c
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One stand-in engine: its HTTP, PUB and replay ports.
+struct Engine {
+    proc: Option<Proc>,
+    http: u16,
+    zmq: u16,
+    replay: u16,
+    speedup: &'static str,
+}
+
+impl Engine {
+    fn new(speedup: &'static str) -> Self {
+        Self {
+            proc: None,
+            http: free_port(),
+            zmq: free_port(),
+            replay: free_port(),
+            speedup,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http)
+    }
+
+    fn spec(&self) -> String {
+        format!(
+            "{},kv-events=tcp://127.0.0.1:{},replay=tcp://127.0.0.1:{}",
+            self.url(),
+            self.zmq,
+            self.replay
+        )
+    }
+
+    async fn start(&mut self) {
+        let child = kvrouter()
+            .args(["mocker", "--openai-host", "127.0.0.1"])
+            .args(["--openai-port", &self.http.to_string()])
+            .args(["--zmq-kv-events-port", &self.zmq.to_string()])
+            .args(["--zmq-replay-port", &self.replay.to_string()])
+            .args([
+                "--block-size",
+                &BS.to_string(),
+                "--speedup-ratio",
+                self.speedup,
+            ])
+            .args(["--num-gpu-blocks", "4096"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.proc = Some(Proc(child));
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = client.get(format!("{}/health", self.url())).send().await
+                && r.status().is_success()
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "stand-in engine never came up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn kill(&mut self) {
+        drop(self.proc.take());
+    }
+}
+
+/// `kvrouter serve` over engines; returns its URL.
+async fn serve(engines: &[&Engine], extra: &[&str]) -> (Proc, String) {
+    let mut cmd = kvrouter();
+    cmd.args(["serve", "--http-host", "127.0.0.1", "--http-port", "0"])
+        .args([
+            "--router-mode",
+            "kv",
+            "--kv-cache-block-size",
+            &BS.to_string(),
+        ])
+        .args(extra);
+    for e in engines {
+        cmd.args(["--engine", &e.spec()]);
+    }
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .unwrap();
+        line
+    })
+    .await
+    .unwrap();
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    (Proc(child), url)
+}
+
+/// A chat request whose system prompt is shared by `family`.
+fn chat(family: usize, question: &str, extra: Value) -> Value {
+    let system = format!(
+        "Family {family}: you are a careful assistant for the kvrouter project. {}",
+        "Answer precisely, cite the module, and keep every reply short and useful. ".repeat(6)
+    );
+    let mut body = json!({
+        "model": "mock-model", "max_tokens": 4,
+        "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+    });
+    if let (Value::Object(b), Value::Object(e)) = (&mut body, extra) {
+        b.extend(e);
+    }
+    body
+}
+
+struct Answer {
+    worker: String,
+    overlap: u32,
+    cached: u64,
+}
+
+async fn ask(client: &reqwest::Client, url: &str, body: &Value) -> Answer {
+    let r = client
+        .post(format!("{url}/v1/chat/completions"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let h = |k: &str| r.headers().get(k).unwrap().to_str().unwrap().to_string();
+    let worker = h("x-kvrouter-worker-id");
+    let overlap = h("x-kvrouter-overlap-blocks").parse().unwrap();
+    let body: Value = r.json().await.unwrap();
+    let cached = body["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    Answer {
+        worker,
+        overlap,
+        cached,
+    }
+}
+
+async fn state(client: &reqwest::Client, url: &str) -> Value {
+    client
+        .get(format!("{url}/router/state"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Blocks indexed per worker, sorted by worker id.
+async fn indexed(client: &reqwest::Client, url: &str) -> Vec<(String, u64)> {
+    let s = state(client, url).await;
+    let mut v: Vec<(String, u64)> = s["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            (
+                w["worker_id"].to_string(),
+                w["indexed_blocks"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+async fn wait_until<F: std::future::Future<Output = bool>>(
+    what: &str,
+    secs: u64,
+    mut f: impl FnMut() -> F,
+) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn prefixes_follow_the_events_and_a_restarted_router_replays_them() {
+    let mut engines: Vec<Engine> = (0..3).map(|_| Engine::new("20")).collect();
+    for e in &mut engines {
+        e.start().await;
+    }
+    let refs: Vec<&Engine> = engines.iter().collect();
+    let (router, url) = serve(&refs, &[]).await;
+    let client = reqwest::Client::new();
+    // Each family's first request warms one engine; the rest follow it there.
+    let mut seen = Vec::new();
+    for family in 0..4 {
+        let first = ask(&client, &url, &chat(family, "first question", json!({}))).await;
+        assert_eq!(first.overlap, 0);
+        // The engine's stored events reach the router before the next request.
+        let w = first.worker.clone();
+        wait_until("the family's blocks indexed", 10, || {
+            let (c, u, w) = (client.clone(), url.clone(), w.clone());
+            async move {
+                indexed(&c, &u)
+                    .await
+                    .iter()
+                    .any(|(id, n)| *id == w && *n > 0)
+            }
+        })
+        .await;
+        for q in ["second question", "third question"] {
+            let a = ask(&client, &url, &chat(family, q, json!({}))).await;
+            assert_eq!(a.worker, first.worker, "family {family} moved");
+            assert!(a.overlap >= 3, "family {family}: overlap {}", a.overlap);
+            assert_eq!(
+                a.cached,
+                u64::from(a.overlap * BS),
+                "the engine's cached tokens equal the router's predicted overlap"
+            );
+            seen.push((family, q, a.worker, a.overlap));
+        }
+    }
+    // What the router answers now, once the engines' events have settled.
+    let mut expect = Vec::new();
+    for family in 0..4 {
+        let a = ask(&client, &url, &chat(family, "second question", json!({}))).await;
+        expect.push((family, a.worker, a.overlap));
+    }
+    let mut before = indexed(&client, &url).await;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = indexed(&client, &url).await;
+        if now == before {
+            break;
+        }
+        before = now;
+    }
+    // A new router process: it rebuilds the index from the engines' replay buffers.
+    drop(router);
+    let (_router, url) = serve(&refs, &[]).await;
+    wait_until("the index replayed", 10, || {
+        let (c, u, b) = (client.clone(), url.clone(), before.clone());
+        async move { indexed(&c, &u).await == b }
+    })
+    .await;
+    assert_eq!(seen.len(), 8);
+    for (family, worker, overlap) in expect {
+        let a = ask(&client, &url, &chat(family, "second question", json!({}))).await;
+        assert_eq!(
+            (a.worker, a.overlap),
+            (worker, overlap),
+            "family {family} after the restart"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_restarted_engine_is_cleared_and_rebuilt() {
+    let mut engines: Vec<Engine> = (0..2).map(|_| Engine::new("20")).collect();
+    for e in &mut engines {
+        e.start().await;
+    }
+    let refs: Vec<&Engine> = engines.iter().collect();
+    let (_router, url) = serve(&refs, &[]).await;
+    let client = reqwest::Client::new();
+    let first = ask(&client, &url, &chat(7, "q1", json!({}))).await;
+    let w = first.worker.clone();
+    wait_until("blocks indexed", 10, || {
+        let (c, u, w) = (client.clone(), url.clone(), w.clone());
+        async move {
+            indexed(&c, &u)
+                .await
+                .iter()
+                .any(|(id, n)| *id == w && *n > 0)
+        }
+    })
+    .await;
+    // Restart the engine that holds the family, on the same ports.
+    let idx = indexed(&client, &url)
+        .await
+        .iter()
+        .position(|(id, n)| *id == first.worker && *n > 0)
+        .unwrap();
+    let health: Value = client
+        .get(format!("{url}/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let target_url = health["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| id_of(i) == first.worker)
+        .unwrap()["url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let e = engines.iter_mut().find(|e| e.url() == target_url).unwrap();
+    e.kill();
+    e.start().await;
+    wait_until("the restarted engine's blocks cleared", 10, || {
+        let (c, u) = (client.clone(), url.clone());
+        async move { indexed(&c, &u).await[idx].1 == 0 }
+    })
+    .await;
+    // The engine is back in routing and its cache is rebuilt from new events.
+    wait_until("engine healthy again", 10, || {
+        let (c, u) = (client.clone(), url.clone());
+        async move {
+            let h: Value = c
+                .get(format!("{u}/health"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            h["instances"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|i| i["healthy"] == true)
+        }
+    })
+    .await;
+    let again = ask(&client, &url, &chat(8, "fresh family", json!({}))).await;
+    let w = again.worker.clone();
+    wait_until("new blocks indexed", 10, || {
+        let (c, u, w) = (client.clone(), url.clone(), w.clone());
+        async move {
+            indexed(&c, &u)
+                .await
+                .iter()
+                .any(|(id, n)| *id == w && *n > 0)
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_killed_engine_ends_the_stream_cleanly_and_leaves_routing() {
+    // Slow engines, so the stream is still running when its engine dies.
+    let mut engines: Vec<Engine> = (0..2).map(|_| Engine::new("1")).collect();
+    for e in &mut engines {
+        e.start().await;
+    }
+    let refs: Vec<&Engine> = engines.iter().collect();
+    let (_router, url) = serve(&refs, &[]).await;
+    let client = reqwest::Client::new();
+    let body = chat(
+        3,
+        "a long answer please",
+        json!({"stream": true, "max_tokens": 2000, "ignore_eos": true}),
+    );
+    let mut resp = client
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let worker = resp.headers()["x-kvrouter-worker-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let mut text = String::new();
+    while !text.contains("\"content\"") || text.matches("data:").count() < 3 {
+        let chunk = resp.chunk().await.unwrap().expect("stream open");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let health: Value = client
+        .get(format!("{url}/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let target = health["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| id_of(i) == worker)
+        .unwrap()["url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let killed_at = Instant::now();
+    engines
+        .iter_mut()
+        .find(|e| e.url() == target)
+        .unwrap()
+        .kill();
+    // The client's stream ends with an error event and [DONE], never a hang or a cut.
+    let rest = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut rest = String::new();
+        while let Some(chunk) = resp.chunk().await.unwrap() {
+            rest.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        rest
+    })
+    .await
+    .expect("the stream ended");
+    assert!(rest.contains("\"error\""), "no error event: {rest:?}");
+    assert!(rest.trim_end().ends_with("data: [DONE]"), "{rest:?}");
+    // Out of routing within 2 s; requests go to the other engine.
+    wait_until("the engine out of routing", 2, || {
+        let (c, u, w) = (client.clone(), url.clone(), worker.clone());
+        async move {
+            let h: Value = c
+                .get(format!("{u}/health"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            h["instances"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|i| id_of(i) == w && i["healthy"] == false)
+        }
+    })
+    .await;
+    assert!(killed_at.elapsed() < Duration::from_secs(2));
+    for i in 0..4 {
+        let a = ask(&client, &url, &chat(3, &format!("after {i}"), json!({}))).await;
+        assert_ne!(a.worker, worker);
+    }
+}
+
+#[tokio::test]
+async fn an_engines_400_reaches_the_client_unchanged() {
+    let mut e = Engine::new("20");
+    e.start().await;
+    let (_router, url) = serve(&[&e], &[]).await;
+    let client = reqwest::Client::new();
+    let bad = json!({"model": "mock-model", "max_tokens": -3, "prompt": "hi"});
+    let direct = client
+        .post(format!("{}/v1/completions", e.url()))
+        .json(&bad)
+        .send()
+        .await
+        .unwrap();
+    let (ds, db) = (direct.status(), direct.text().await.unwrap());
+    let routed = client
+        .post(format!("{url}/v1/completions"))
+        .json(&bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(routed.status(), ds);
+    assert_eq!(ds, 400);
+    assert_eq!(routed.text().await.unwrap(), db);
+    // Fields the router does not read still reach the engine as written.
+    let ok = json!({"model": "mock-model", "max_tokens": 2, "prompt": "hi", "user": "someone"});
+    let r = client
+        .post(format!("{url}/v1/completions"))
+        .json(&ok)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// A worker id from `/health` or `/router/state`, as the response headers write it.
+fn id_of(v: &Value) -> String {
+    v["worker_id"].as_u64().unwrap().to_string()
+}
