@@ -69,29 +69,76 @@ fn usage_of(v: &Value) -> Option<Usage> {
     })
 }
 
-/// Choices of a streamed chunk that carry generated output.
-fn chunk_tokens(v: &Value) -> usize {
-    let Some(choices) = v.get("choices").and_then(Value::as_array) else {
-        return 0;
-    };
-    choices
-        .iter()
-        .filter(|c| {
-            let nonempty = |x: Option<&Value>| match x {
-                Some(Value::String(s)) => !s.is_empty(),
-                Some(Value::Array(a)) => !a.is_empty(),
-                _ => false,
-            };
-            let d = c.get("delta");
-            nonempty(c.get("text"))
-                || d.is_some_and(|d| {
-                    nonempty(d.get("content"))
-                        || nonempty(d.get("reasoning_content"))
-                        || nonempty(d.get("reasoning"))
-                        || nonempty(d.get("tool_calls"))
-                })
-        })
-        .count()
+/// A streamed chunk, as far as it is followed.
+#[derive(serde::Deserialize)]
+struct Chunk<'a> {
+    #[serde(default, borrow)]
+    choices: Vec<ChunkChoice<'a>>,
+    #[serde(default)]
+    usage: Option<WireUsage>,
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+#[derive(serde::Deserialize)]
+struct ChunkChoice<'a> {
+    #[serde(default, borrow)]
+    text: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    delta: Option<Delta<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct Delta<'a> {
+    #[serde(default, borrow)]
+    content: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    reasoning_content: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    reasoning: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    tool_calls: Option<Vec<serde::de::IgnoredAny>>,
+}
+
+#[derive(serde::Deserialize)]
+struct WireUsage {
+    #[serde(default)]
+    prompt_tokens: u32,
+    #[serde(default)]
+    completion_tokens: u32,
+    #[serde(default)]
+    prompt_tokens_details: Option<Details>,
+}
+
+#[derive(serde::Deserialize)]
+struct Details {
+    #[serde(default)]
+    cached_tokens: Option<u32>,
+}
+
+impl From<WireUsage> for Usage {
+    fn from(u: WireUsage) -> Self {
+        Usage {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            cached_tokens: u.prompt_tokens_details.and_then(|d| d.cached_tokens),
+        }
+    }
+}
+
+impl ChunkChoice<'_> {
+    /// Whether this choice carries generated output (text, reasoning or a tool call).
+    fn generated(&self) -> bool {
+        let some =
+            |s: &Option<std::borrow::Cow<'_, str>>| s.as_deref().is_some_and(|s| !s.is_empty());
+        some(&self.text)
+            || self.delta.as_ref().is_some_and(|d| {
+                some(&d.content)
+                    || some(&d.reasoning_content)
+                    || some(&d.reasoning)
+                    || d.tool_calls.as_ref().is_some_and(|t| !t.is_empty())
+            })
+    }
 }
 
 impl Observer {
@@ -127,10 +174,11 @@ impl Observer {
                     if ev.data == "[DONE]" {
                         continue;
                     }
-                    let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
+                    // Borrowed and typed: only the fields followed are read.
+                    let Ok(c) = serde_json::from_str::<Chunk<'_>>(&ev.data) else {
                         continue;
                     };
-                    if let Some(e) = v.get("error") {
+                    if let Some(e) = c.error {
                         let msg = e
                             .get("message")
                             .and_then(Value::as_str)
@@ -138,12 +186,12 @@ impl Observer {
                         out.push(Observation::Error(msg));
                         continue;
                     }
-                    let n = chunk_tokens(&v);
+                    let n = c.choices.iter().filter(|c| c.generated()).count();
                     if n > 0 {
                         out.push(Observation::Tokens(n));
                     }
-                    if let Some(u) = usage_of(&v) {
-                        out.push(Observation::Usage(u));
+                    if let Some(u) = c.usage {
+                        out.push(Observation::Usage(u.into()));
                     }
                 }
                 out

@@ -204,8 +204,9 @@ impl Preprocessor {
 
     /// Tokens of `text` (special tokens in the text are recognised).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, PreprocessError> {
+        // `encode_fast` skips the character offsets, which routing never reads.
         self.tokenizer
-            .encode(text, false)
+            .encode_fast(text, false)
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| PreprocessError::Tokenizer(e.to_string()))
     }

@@ -27,6 +27,8 @@ pub enum BenchCommand {
     Http(crate::loadgen::HttpArgs),
     /// `best_worker_id` round trips over TCP against an indexed trace, and snapshot recovery.
     Router(crate::bench_router::RouterBenchArgs),
+    /// Open-loop streaming chat with shared system prompts against an OpenAI endpoint.
+    Chat(crate::bench_chat::ChatArgs),
 }
 
 /// Which index implementation to replay against.
@@ -61,6 +63,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
         BenchCommand::Index(args) => bench_index(args),
         BenchCommand::Http(args) => crate::loadgen::run(args),
         BenchCommand::Router(args) => crate::bench_router::run(args),
+        BenchCommand::Chat(args) => crate::bench_chat::run(args),
     }
 }
 

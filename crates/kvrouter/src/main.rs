@@ -1,6 +1,7 @@
 //! The `kvrouter` binary: parse, validate, run — one subcommand per service.
 
 mod bench;
+mod bench_chat;
 mod bench_router;
 mod cli;
 mod loadgen;
