@@ -5,7 +5,7 @@ export PATH := $(PATH):/usr/sbin
 CARGO  ?= cargo
 OUT    := out
 
-.PHONY: run sim bench-http index test lint unit interop bench-build bench-index fuzz deps clean
+.PHONY: run sim bench-http bench-engines index test lint unit interop bench-build bench-index fuzz deps clean
 
 ## The main job: the OpenAI API with KV-aware routing over 4 mock workers, all in
 ## one process (in-memory discovery and events) on http://127.0.0.1:8000. Ctrl-C stops it.
@@ -37,6 +37,18 @@ bench-http:
 	  status=$$?; kill $$(cat $(OUT)/bench-serve.pid); exit $$status
 	python3 tools/plot_bench_http.py $(OUT)/bench-http.jsonl $(OUT)/bench-http.svg
 	@echo "chart: $(OUT)/bench-http.svg"
+
+## kvrouter kv / round-robin vs sglang-router 0.3.2 cache_aware over the same stand-in
+## vLLM engines (2 and 4 engines, and 4 with small caches), streaming chat with 31 shared
+## system prompts; sglang-router is installed from the Python registry into out/ first (~6 min).
+bench-engines:
+	$(CARGO) build --release -p kvrouter
+	mkdir -p $(OUT)
+	[ -x $(OUT)/sglang-router/bin/python ] || { python3 -m venv $(OUT)/sglang-router && \
+	  $(OUT)/sglang-router/bin/pip install -q --disable-pip-version-check sglang-router==0.3.2; }
+	python3 tools/bench_engines.py --kvrouter target/release/kvrouter \
+	  --sglang-python $(OUT)/sglang-router/bin/python --out $(OUT)/bench-engines
+	@echo "results: $(OUT)/bench-engines.json, chart: $(OUT)/bench-engines.svg"
 
 ## Replay the trace's KV events and lookups through the index alone (one JSON line).
 index: $(OUT)/conv.kvops

@@ -7,7 +7,8 @@
 //! block hashes ([`translate`]), recovering gaps through the engine's replay
 //! socket ([`replay`]). The **upstream** ([`upstream`]) forwards a routed
 //! request to the engine's OpenAI HTTP server and streams the answer back,
-//! with one typed error ([`error`]) for every way that can fail. [`spec`]
+//! with one typed error ([`error`]) for every way that can fail; [`tokens`]
+//! is the token-level upstream (a tokenized request as a token-id prompt). [`spec`]
 //! parses `--engine URL[,kv-events=…][,replay=…][,dp-size=N]`; [`probe`]
 //! asks an engine for its model, health, load and event ports; [`publisher`]
 //! publishes vLLM-format events for engines kvrouter simulates; [`metrics`]
@@ -21,6 +22,7 @@ pub mod publisher;
 pub mod replay;
 pub mod source;
 pub mod spec;
+pub mod tokens;
 pub mod translate;
 pub mod upstream;
 pub mod wire;

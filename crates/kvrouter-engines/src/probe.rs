@@ -349,11 +349,11 @@ mod tests {
         let v = json!({"0": {"enable_kv_cache_events": true, "publisher": "zmq",
                               "endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5600", "topic": ""},
                        "1": {"enable_kv_cache_events": true, "publisher": "zmq",
-                              "endpoint": "tcp://10.0.0.2:5558", "topic": "kv"}});
+                              "endpoint": "tcp://gpu-9:5558", "topic": "kv"}});
         let r = parse_kv_event_sources(&v, "gpu-1");
         assert_eq!(r[0].endpoint, "tcp://gpu-1:5557");
         assert_eq!(r[0].replay.as_deref(), Some("tcp://gpu-1:5600"));
-        assert_eq!(r[1].endpoint, "tcp://10.0.0.2:5558");
+        assert_eq!(r[1].endpoint, "tcp://gpu-9:5558");
         assert_eq!(r[1].topic, "kv");
         let off = json!({"0": {"enable_kv_cache_events": false, "endpoint": "tcp://*:5557"}});
         assert!(parse_kv_event_sources(&off, "h").is_empty());

@@ -408,6 +408,7 @@ impl Kind {
 struct Job {
     kind: Kind,
     stream: bool,
+    return_token_ids: bool,
     include_usage: bool,
     stops: Vec<String>,
     request: PreprocessedRequest,
@@ -547,6 +548,7 @@ fn job(
     Ok(Job {
         kind,
         stream: c.stream.unwrap_or(false),
+        return_token_ids: c.return_token_ids.unwrap_or(false),
         include_usage: c.stream_options.as_ref().is_some_and(|o| o.include_usage),
         stops: c.stop_strings(),
         request: PreprocessedRequest {
@@ -724,6 +726,8 @@ async fn respond(
         cached_tokens: 0,
         kind: job.kind,
         pending_finish: None,
+        last_ids: Vec::new(),
+        return_token_ids: job.return_token_ids,
     };
     if job.stream {
         stream_response(run, job.include_usage)
@@ -745,6 +749,10 @@ struct Run {
     kind: Kind,
     /// A finish reason to report after the text already returned.
     pending_finish: Option<&'static str>,
+    /// The token ids of the last step (`return_token_ids`).
+    last_ids: Vec<u32>,
+    /// Put each chunk's token ids in it (vLLM's `return_token_ids`).
+    return_token_ids: bool,
 }
 
 /// One step of a run.
@@ -762,7 +770,12 @@ impl Run {
             )),
             Some(Err(e)) => Step::Failed(ApiError::from(e)),
             Some(Ok(out)) => {
-                self.tracker.tokens(out.token_ids.len());
+                // Engines reached through `kvrouter engine` may answer text without ids.
+                let text_only = out.token_ids.is_empty() && out.text.is_some();
+                self.tracker
+                    .tokens(out.token_ids.len() + usize::from(text_only));
+                self.last_ids.clear();
+                self.last_ids.extend_from_slice(&out.token_ids);
                 if let Some(u) = out.completion_usage
                     && let Some(d) = u.prompt_tokens_details
                 {
@@ -777,6 +790,9 @@ impl Run {
                     }
                     let piece = self.detok.push(t);
                     text.push_str(&self.stop.push(&piece));
+                }
+                if let Some(t) = out.text.as_deref().filter(|_| text_only) {
+                    text.push_str(&self.stop.push(t));
                 }
                 if self.stop.stopped() {
                     return Step::Finished("stop");
@@ -842,11 +858,18 @@ impl Run {
                     "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
                 })
             }
-            Kind::Completion => json!({
-                "id": self.id, "object": "text_completion", "created": created,
-                "model": self.s.model,
-                "choices": [{"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}],
-            }),
+            Kind::Completion => {
+                let mut choice = json!({"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish});
+                if self.return_token_ids {
+                    // A finish-only chunk repeats no ids: they went with the text.
+                    let ids: &[u32] = if text.is_some() { &self.last_ids } else { &[] };
+                    choice["token_ids"] = json!(ids);
+                }
+                json!({
+                    "id": self.id, "object": "text_completion", "created": created,
+                    "model": self.s.model, "choices": [choice],
+                })
+            }
         }
     }
 }

@@ -58,6 +58,9 @@ pub struct Common {
     /// Streaming options.
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
+    /// Put the generated token ids in each completion chunk (vLLM's extension).
+    #[serde(default)]
+    pub return_token_ids: Option<bool>,
     /// Sampling temperature (0–2).
     #[serde(default)]
     pub temperature: Option<f32>,
@@ -139,6 +142,7 @@ const FIELD_KINDS: &[(&str, &str)] = &[
     ("stream", "bool"),
     ("ignore_eos", "bool"),
     ("stream_options", "object"),
+    ("return_token_ids", "bool"),
     ("nvext", "object"),
 ];
 

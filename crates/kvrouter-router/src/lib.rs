@@ -9,6 +9,8 @@
 //! - [`engines`]: external OpenAI-HTTP engines (vLLM, SGLang, …) followed
 //!   through their ZeroMQ KV events, health and metrics; [`passthrough`]: their
 //!   answers streamed back unchanged while the router follows each request.
+//! - [`sidecar`]: `kvrouter engine`, an external engine registered in
+//!   discovery, its KV events and load republished on the event plane.
 //! - [`disagg`]: prefill through a prefill pool's router before decoding.
 //! - [`durable`]: durable KV events (JetStream consumer, snapshots, purge).
 //! - [`global`]: the global router (pool selection by size and latency target).
@@ -22,6 +24,7 @@ pub mod global;
 pub mod metrics;
 pub mod passthrough;
 pub mod router;
+pub mod sidecar;
 pub mod standalone;
 pub mod sync;
 pub mod workers;

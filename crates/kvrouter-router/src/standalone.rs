@@ -55,7 +55,7 @@ pub struct BestWorkerRequest {
 }
 
 /// A `best_worker_id` answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BestWorker {
     /// The worker.
     pub worker_id: u64,
@@ -63,6 +63,10 @@ pub struct BestWorker {
     pub dp_rank: u32,
     /// Prompt blocks it caches.
     pub overlap_blocks: u32,
+    /// An external engine's OpenAI server (`kvrouter engine`), for a gateway
+    /// that forwards the request itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine_url: Option<String>,
 }
 
 /// The error code and message of a failed router call.
@@ -158,6 +162,7 @@ impl Handler for Best {
             worker_id: r.worker.worker_id,
             dp_rank: r.worker.dp_rank,
             overlap_blocks: r.overlap_blocks,
+            engine_url: self.pool.engine_url(r.worker.worker_id),
         });
         let item = match answer {
             Ok(b) => Ok(Bytes::from(

@@ -273,6 +273,16 @@ impl WorkerPool {
         &self.endpoint
     }
 
+    /// The OpenAI server of an external engine instance (`kvrouter engine`), if it is one.
+    pub fn engine_url(&self, id: InstanceId) -> Option<String> {
+        self.instances
+            .read()
+            .get(&id)
+            .and_then(|i| i.metadata.get("engine_url"))
+            .and_then(|u| u.as_str())
+            .map(str::to_string)
+    }
+
     /// The live instances.
     pub fn instances(&self) -> Vec<Instance> {
         self.instances.read().values().cloned().collect()

@@ -48,6 +48,7 @@ fn run(parsed: Parsed) -> ExitCode {
         Command::Mocker(a) => a.runtime.check_config,
         Command::Serve(a) => a.frontend.runtime.check_config,
         Command::Call(a) => a.runtime.check_config,
+        Command::Engine(a) => a.runtime.check_config,
         Command::Sim(_) | Command::Bench(_) => false,
     };
     let dump_to = match &parsed.command {
@@ -57,6 +58,7 @@ fn run(parsed: Parsed) -> ExitCode {
         Command::Mocker(a) => a.runtime.dump_config_to.clone(),
         Command::Serve(a) => a.frontend.runtime.dump_config_to.clone(),
         Command::Call(a) => a.runtime.dump_config_to.clone(),
+        Command::Engine(a) => a.runtime.dump_config_to.clone(),
         Command::Sim(_) | Command::Bench(_) => None,
     };
     if let Some(path) = dump_to {
@@ -115,6 +117,7 @@ fn run(parsed: Parsed) -> ExitCode {
         )
         .map(|()| ExitCode::SUCCESS),
         Command::Call(args) => services::call(&args),
+        Command::Engine(args) => services::engine(&args).map(|()| ExitCode::SUCCESS),
         Command::GlobalRouter(args) => services::global_router(&args).map(|()| ExitCode::SUCCESS),
     };
     match result {

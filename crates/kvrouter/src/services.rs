@@ -35,8 +35,11 @@ use tokio::net::TcpListener;
 use crate::cli::args::{
     EndpointType, EventPlane as EventPlaneArg, ModelArgs, RequestPlane, RuntimeArgs, StoreKv,
 };
-use crate::cli::{CallArgs, FrontendArgs, GlobalRouterArgs, MockerArgs, RouterArgs, ServeArgs};
+use crate::cli::{
+    CallArgs, EngineCmdArgs, FrontendArgs, GlobalRouterArgs, MockerArgs, RouterArgs, ServeArgs,
+};
 use kvrouter_router::global::{GlobalRouter, GlobalRouterConfig, PoolConfig};
+use kvrouter_router::sidecar::{Sidecar, SidecarConfig};
 use kvrouter_router::standalone::StandaloneRouter;
 use kvrouter_router::{KvRouter, RouterMetrics, WorkerPool};
 
@@ -432,6 +435,40 @@ pub fn mocker(args: &MockerArgs) -> anyhow::Result<()> {
         }
         shutdown_signal().await;
         drop(workers);
+        Ok(())
+    })
+}
+
+/// `kvrouter engine`: the sidecar of one external engine.
+pub fn engine(args: &EngineCmdArgs) -> anyhow::Result<()> {
+    init_tracing();
+    let spec = args.spec().map_err(anyhow::Error::msg)?;
+    let endpoint: EndpointId = args.endpoint.parse().map_err(anyhow::Error::msg)?;
+    runtime()?.block_on(async move {
+        let node = node(&args.runtime, "0.0.0.0").await?;
+        let cfg = SidecarConfig {
+            spec: spec.clone(),
+            endpoint: endpoint.clone(),
+            model_name: args.model_name.clone(),
+            block_size: args.engine_block_size,
+            startup_timeout: Duration::from_secs(60),
+        };
+        let sidecar = Sidecar::start(node, cfg, new_instance_id())
+            .await
+            .map_err(anyhow::Error::msg)?;
+        println!(
+            "kvrouter engine: {} ({}) registered as instance {} of {endpoint}; KV events from {}",
+            spec.base(),
+            sidecar.model,
+            sidecar.id,
+            if sidecar.events.is_empty() {
+                "nowhere (none advertised)".to_string()
+            } else {
+                sidecar.events.join(", ")
+            }
+        );
+        shutdown_signal().await;
+        drop(sidecar);
         Ok(())
     })
 }

@@ -244,3 +244,98 @@ fn frontend_routes_through_a_standalone_router() {
         assert!(metrics.contains("dynamo_routing_overhead_total_ms_count 1"));
     });
 }
+
+/// `kvrouter engine` over real etcd and NATS: a stand-in vLLM engine joins
+/// the fleet through its sidecar; a standalone router follows its KV events
+/// (republished on NATS), answers `best_worker_id` with the engine's URL, and
+/// `generate` reaches the engine as a token-id prompt, its cached tokens
+/// reported back.
+#[test]
+fn an_external_engine_joins_through_its_sidecar() {
+    let mut f = Fleet::start();
+    let port = |_: ()| kvrouter_runtime::testing::free_port();
+    let (http, zmq, replay) = (port(()), port(()), port(()));
+    f.spawn(&[
+        "mocker",
+        "--openai-host",
+        "127.0.0.1",
+        "--openai-port",
+        &http.to_string(),
+        "--zmq-kv-events-port",
+        &zmq.to_string(),
+        "--zmq-replay-port",
+        &replay.to_string(),
+        "--block-size",
+        "16",
+        "--speedup-ratio",
+        "50",
+    ]);
+    let url = format!("http://127.0.0.1:{http}");
+    f.spawn(&[
+        "engine",
+        "--url",
+        &url,
+        "--kv-events",
+        &format!("tcp://127.0.0.1:{zmq}"),
+        "--replay",
+        &format!("tcp://127.0.0.1:{replay}"),
+        "--endpoint",
+        "ext.backend.generate",
+        "--namespace",
+        "ext",
+    ]);
+    f.spawn(&[
+        "router",
+        "--endpoint",
+        "ext.backend.generate",
+        "--block-size",
+        "16",
+        "--namespace",
+        "ext",
+    ]);
+    let tokens = prompt(160);
+    let body =
+        json!({"model": "mock-model", "token_ids": tokens, "stop_conditions": {"max_tokens": 3}});
+    // The sidecar registers once its engine answers.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let lines = loop {
+        let (code, lines) = f.call("ext.router.generate", &body);
+        if code == 0 {
+            break lines;
+        }
+        assert!(Instant::now() < deadline, "never served: {lines:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let last = lines.last().unwrap();
+    assert_eq!(last["finish_reason"], "length", "{lines:?}");
+    assert_eq!(last["completion_usage"]["completion_tokens"], 3);
+    let ids: usize = lines
+        .iter()
+        .map(|l| l["token_ids"].as_array().map_or(0, Vec::len))
+        .sum();
+    assert_eq!(ids, 3, "the engine's token ids came back: {lines:?}");
+    // The engine's events reached the router through the sidecar.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let best = loop {
+        let (code, lines) = f.call("ext.router.best_worker_id", &json!({"token_ids": tokens}));
+        assert_eq!(code, 0, "{lines:?}");
+        if lines[0]["overlap_blocks"].as_u64() == Some(10) {
+            break lines[0].clone();
+        }
+        assert!(Instant::now() < deadline, "never indexed: {lines:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(best["engine_url"], url.as_str());
+    // The same prompt again: the engine reports the prefix the router predicted.
+    let (code, lines) = f.call("ext.router.generate", &body);
+    assert_eq!(code, 0, "{lines:?}");
+    let cached =
+        lines.last().unwrap()["completion_usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
+    assert_eq!(
+        cached,
+        10 * 16 - 16,
+        "all but the block recomputed for the first token"
+    );
+}

@@ -198,6 +198,11 @@ pub const ENV: &[EnvVar] = &[
     value("workers", &["DYN_SERVE_WORKERS"]),
     // External engines and the stand-in engine.
     value("engines", &["DYN_ENGINES"]),
+    value("engine_url", &["DYN_ENGINE_URL"]),
+    value("engine_kv_events", &["DYN_ENGINE_KV_EVENTS"]),
+    value("engine_replay", &["DYN_ENGINE_REPLAY"]),
+    value("engine_dp_size", &["DYN_ENGINE_DP_SIZE"]),
+    value("engine_block_size", &["DYN_ENGINE_BLOCK_SIZE"]),
     value("openai_port", &["DYN_MOCKER_OPENAI_PORT"]),
     value("openai_host", &["DYN_MOCKER_OPENAI_HOST"]),
     value("zmq_kv_events_port", &["DYN_MOCKER_ZMQ_KV_EVENTS_PORT"]),

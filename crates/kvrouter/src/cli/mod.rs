@@ -56,6 +56,8 @@ pub enum Command {
     Mocker(MockerArgs),
     /// Everything in one process: frontend, KV router and mock workers.
     Serve(ServeArgs),
+    /// Register an external engine (vLLM, SGLang, …) in discovery and republish its KV events.
+    Engine(EngineCmdArgs),
     /// Offline simulator: replay a trace through N mock engines under each routing mode.
     Sim(SimArgs),
     /// Send one request to any endpoint and print the streamed responses as JSON lines.
@@ -191,6 +193,54 @@ pub struct MockerArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub runtime: RuntimeArgs,
+}
+
+/// `kvrouter engine`: a sidecar beside one external engine, for the distributed
+/// deployment (etcd + NATS). It registers the engine under a lease, serves its
+/// endpoint by forwarding tokenized requests to the engine's `/v1/completions`
+/// (token-id prompts), and republishes its ZeroMQ KV events and load on the
+/// event plane, so every frontend, standalone router and router replica follows it.
+#[derive(Debug, Clone, Args)]
+pub struct EngineCmdArgs {
+    /// The engine's OpenAI server (`http://host:port`).
+    #[arg(long = "url", id = "engine_url", value_name = "URL")]
+    pub engine_url: String,
+    /// Rank 0's ZeroMQ KV-event PUB (`tcp://host:port`; rank r at port + r) [default: asked of the engine].
+    #[arg(long = "kv-events", id = "engine_kv_events", value_name = "ENDPOINT")]
+    pub engine_kv_events: Option<String>,
+    /// Rank 0's replay ROUTER (`tcp://host:port`).
+    #[arg(long = "replay", id = "engine_replay", value_name = "ENDPOINT")]
+    pub engine_replay: Option<String>,
+    /// The engine's data-parallel ranks.
+    #[arg(long = "dp-size", id = "engine_dp_size", default_value_t = 1)]
+    pub engine_dp_size: u32,
+    /// Tokens per KV block [default: the engine's (/metrics), else 16].
+    #[arg(long = "block-size", id = "engine_block_size", value_name = "TOKENS")]
+    pub engine_block_size: Option<u32>,
+    /// Endpoint the engine serves: `namespace.component.endpoint`.
+    #[arg(long, default_value = "dynamo.backend.generate")]
+    pub endpoint: String,
+    /// Model name [default: the engine's, from /v1/models].
+    #[arg(long)]
+    pub model_name: Option<String>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub runtime: RuntimeArgs,
+}
+
+impl EngineCmdArgs {
+    /// The engine, in `--engine` form (one parser and one set of checks).
+    pub fn spec(&self) -> Result<kvrouter_engines::EngineSpec, String> {
+        let mut s = self.engine_url.clone();
+        if let Some(k) = &self.engine_kv_events {
+            s.push_str(&format!(",kv-events={k}"));
+        }
+        if let Some(r) = &self.engine_replay {
+            s.push_str(&format!(",replay={r}"));
+        }
+        s.push_str(&format!(",dp-size={}", self.engine_dp_size));
+        s.parse()
+    }
 }
 
 /// `kvrouter serve`: the frontend's flags, plus the mock workers'.

@@ -426,6 +426,44 @@ impl Parsed {
                     None,
                 )
             }
+            Command::Engine(a) => {
+                let sub = "engine";
+                runtime_problems(sub, &a.runtime, &mut p);
+                if let Err(e) = a.spec() {
+                    p.push(Problem {
+                        flags: vec![flag(sub, "engine_url")],
+                        message: e,
+                    });
+                }
+                if !valid_endpoint(&a.endpoint) {
+                    p.push(Problem {
+                        flags: vec![flag(sub, "endpoint")],
+                        message: format!("{:?} is not namespace.component.endpoint", a.endpoint),
+                    });
+                }
+                if let Some(bs) = a.engine_block_size
+                    && bs < 2
+                {
+                    p.push(Problem {
+                        flags: vec![flag(sub, "engine_block_size")],
+                        message: format!("must be at least 2, got {bs}"),
+                    });
+                }
+                put(json!({
+                    "engine_url": a.engine_url, "engine_kv_events": a.engine_kv_events,
+                    "engine_replay": a.engine_replay, "engine_dp_size": a.engine_dp_size,
+                    "engine_block_size": a.engine_block_size, "endpoint": a.endpoint,
+                    "model_name": a.model_name,
+                }));
+                put(json!(a.runtime));
+                (
+                    sub,
+                    None,
+                    None,
+                    a.engine_block_size,
+                    a.runtime.store_kv.or(Some(StoreKv::Etcd)),
+                )
+            }
             Command::Call(a) => {
                 let sub = "call";
                 runtime_problems(sub, &a.runtime, &mut p);

@@ -20,6 +20,7 @@ fn base(sub: &str) -> Vec<&'static str> {
         "router" => vec!["--endpoint", "dynamo.backend.generate"],
         "global-router" => vec!["--config", "tests/pools.json", "--model-name", "m"],
         "sim" => vec!["--trace", "Cargo.toml"],
+        "engine" => vec!["--url", "http://127.0.0.1:8101"],
         _ => vec![],
     }
 }
@@ -36,7 +37,18 @@ fn run_without(
     skip: &str,
 ) -> (Parsed, Value) {
     let mut argv = vec!["kvrouter", sub];
-    let flag = format!("--{}", skip.replace('_', "-"));
+    // The skipped argument's own spelling (its long flag need not match its id).
+    let flag = command()
+        .find_subcommand(sub)
+        .and_then(|c| {
+            c.get_arguments()
+                .find(|a| a.get_id() == skip)
+                .and_then(|a| a.get_long())
+        })
+        .map_or_else(
+            || format!("--{}", skip.replace('_', "-")),
+            |l| format!("--{l}"),
+        );
     for pair in base(sub).chunks(2) {
         if pair[0] != flag {
             argv.extend(pair);
@@ -132,6 +144,46 @@ fn flag_rows() -> Vec<(
             vec!["--disaggregation-mode", "prefill"],
             "disaggregation_mode",
             json!("prefill"),
+        ),
+        (
+            "engine_url",
+            "engine",
+            vec!["--url", "http://127.0.0.1:8000"],
+            "engine_url",
+            json!("http://127.0.0.1:8000"),
+        ),
+        (
+            "engine_kv_events",
+            "engine",
+            vec!["--kv-events", "tcp://127.0.0.1:5557"],
+            "engine_kv_events",
+            json!("tcp://127.0.0.1:5557"),
+        ),
+        (
+            "engine_replay",
+            "engine",
+            vec![
+                "--kv-events",
+                "tcp://127.0.0.1:5557",
+                "--replay",
+                "tcp://127.0.0.1:5600",
+            ],
+            "engine_replay",
+            json!("tcp://127.0.0.1:5600"),
+        ),
+        (
+            "engine_dp_size",
+            "engine",
+            vec!["--dp-size", "2"],
+            "engine_dp_size",
+            json!(2),
+        ),
+        (
+            "engine_block_size",
+            "engine",
+            vec!["--block-size", "32"],
+            "engine_block_size",
+            json!(32),
         ),
         (
             "engines",
