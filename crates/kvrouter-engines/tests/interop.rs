@@ -11,41 +11,25 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kvrouter_core::WorkerKey;
 use kvrouter_core::hash::block_hashes;
-use kvrouter_core::{RadixIndex, RouterEvent, WorkerKey};
 use kvrouter_engines::metrics::EngineMetrics;
 use kvrouter_engines::replay::replay;
-use kvrouter_engines::source::{KvEventSink, KvEventSource, ZmqSourceConfig};
+use kvrouter_engines::source::{KvEventSource, ZmqSourceConfig};
 use kvrouter_engines::wire::{EngineEvent, decode_batch};
-use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
 const BS: usize = 4;
 const BATCHES: usize = 20;
 
-#[derive(Default)]
-struct Index(Mutex<RadixIndex>);
-
-impl KvEventSink for Index {
-    fn apply_event(&self, ev: RouterEvent) {
-        let _ = self.0.lock().apply_event(&ev);
-    }
-    fn reset_rank(&self, key: WorkerKey) {
-        self.0.lock().remove_worker_rank(key);
-    }
-}
+mod common;
+use common::Index;
 
 fn family(i: usize) -> Vec<u32> {
     (0..BS as u32).map(|t| i as u32 * 1000 + t).collect()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::free_port;
 
 struct Publisher(Child);
 

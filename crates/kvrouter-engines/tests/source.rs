@@ -6,30 +6,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use kvrouter_core::WorkerKey;
 use kvrouter_core::hash::{block_hashes, sequence_hashes};
-use kvrouter_core::{RadixIndex, RouterEvent, WorkerKey};
 use kvrouter_engines::metrics::EngineMetrics;
 use kvrouter_engines::publisher::{EventFormat, ZmqKvPublisher};
-use kvrouter_engines::source::{KvEventSink, KvEventSource, ZmqSourceConfig};
+use kvrouter_engines::source::{KvEventSource, ZmqSourceConfig};
 use kvrouter_engines::wire::{BlockRemoved, BlockStored, EngineEvent};
-use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 use zeromq::{Socket, SocketSend};
 
 const BS: usize = 4;
 const W: WorkerKey = WorkerKey::new(7, 0);
 
-#[derive(Default)]
-struct Index(Mutex<RadixIndex>);
-
-impl KvEventSink for Index {
-    fn apply_event(&self, ev: RouterEvent) {
-        let _ = self.0.lock().apply_event(&ev);
-    }
-    fn reset_rank(&self, key: WorkerKey) {
-        self.0.lock().remove_worker_rank(key);
-    }
-}
+mod common;
+use common::Index;
 
 impl Index {
     fn overlap(&self, tokens: &[u32]) -> u32 {

@@ -123,9 +123,33 @@ impl Handler for EngineHandler {
     }
 }
 
-/// Puts a rank's events on the event plane, in order, from one task.
-struct PlaneSink {
+/// Puts an engine's events on the event plane as `RouterEvent` JSON, in
+/// order, from one publishing task ([`PlaneSink::spawn`]).
+pub struct PlaneSink {
     tx: mpsc::UnboundedSender<Bytes>,
+}
+
+impl PlaneSink {
+    /// A sink publishing on `subject` of `plane` until `cancel`; the task's handle is returned.
+    pub fn spawn(
+        plane: Arc<dyn kvrouter_runtime::events::EventPlane>,
+        subject: String,
+        cancel: CancellationToken,
+    ) -> (Arc<Self>, JoinHandle<()>) {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+        let task = tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    m = rx.recv() => match m { Some(m) => m, None => return },
+                };
+                if let Err(e) = plane.publish(&subject, msg).await {
+                    tracing::warn!(error = %e, "KV event not republished");
+                }
+            }
+        });
+        (Arc::new(Self { tx }), task)
+    }
 }
 
 impl KvEventSink for PlaneSink {
@@ -222,22 +246,13 @@ impl Sidecar {
         let cancel = CancellationToken::new();
         let mut tasks = Vec::new();
         // One publishing task keeps each event in order.
-        let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
-        let subject = kv_events_subject(&cfg.endpoint);
-        let plane = node.events.clone();
-        let c = cancel.clone();
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let msg = tokio::select! {
-                    _ = c.cancelled() => return,
-                    m = rx.recv() => match m { Some(m) => m, None => return },
-                };
-                if let Err(e) = plane.publish(&subject, msg).await {
-                    tracing::warn!(error = %e, "KV event not republished");
-                }
-            }
-        }));
-        let sink: Arc<dyn KvEventSink> = Arc::new(PlaneSink { tx });
+        let (sink, task) = PlaneSink::spawn(
+            node.events.clone(),
+            kv_events_subject(&cfg.endpoint),
+            cancel.clone(),
+        );
+        tasks.push(task);
+        let sink: Arc<dyn KvEventSink> = sink;
         let metrics = EngineMetrics::unregistered();
         let sources = events
             .iter()

@@ -29,6 +29,8 @@ pub enum BenchCommand {
     Router(crate::bench_router::RouterBenchArgs),
     /// Open-loop streaming chat with shared system prompts against an OpenAI endpoint.
     Chat(crate::bench_chat::ChatArgs),
+    /// KV-event latency: engine ZeroMQ straight to a router vs through a sidecar and NATS.
+    KvHop(crate::bench_hop::HopArgs),
 }
 
 /// Which index implementation to replay against.
@@ -64,6 +66,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
         BenchCommand::Http(args) => crate::loadgen::run(args),
         BenchCommand::Router(args) => crate::bench_router::run(args),
         BenchCommand::Chat(args) => crate::bench_chat::run(args),
+        BenchCommand::KvHop(args) => crate::bench_hop::run(args),
     }
 }
 

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_chat;
+mod bench_hop;
 mod bench_router;
 mod cli;
 mod loadgen;

@@ -15,13 +15,7 @@ use serde_json::{Value, json};
 
 const BS: u32 = 16;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use kvrouter_runtime::testing::free_port;
 
 fn kvrouter() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_kvrouter"));
@@ -333,23 +327,7 @@ async fn a_restarted_engine_is_cleared_and_rebuilt() {
         .iter()
         .position(|(id, n)| *id == first.worker && *n > 0)
         .unwrap();
-    let health: Value = client
-        .get(format!("{url}/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let target_url = health["instances"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| id_of(i) == first.worker)
-        .unwrap()["url"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let target_url = engine_url(&client, &url, &first.worker).await;
     let e = engines.iter_mut().find(|e| e.url() == target_url).unwrap();
     e.kill();
     e.start().await;
@@ -361,21 +339,7 @@ async fn a_restarted_engine_is_cleared_and_rebuilt() {
     // The engine is back in routing and its cache is rebuilt from new events.
     wait_until("engine healthy again", 10, || {
         let (c, u) = (client.clone(), url.clone());
-        async move {
-            let h: Value = c
-                .get(format!("{u}/health"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            h["instances"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|i| i["healthy"] == true)
-        }
+        async move { instances(&c, &u).await.iter().all(|i| i["healthy"] == true) }
     })
     .await;
     let again = ask(&client, &url, &chat(8, "fresh family", json!({}))).await;
@@ -423,23 +387,7 @@ async fn a_killed_engine_ends_the_stream_cleanly_and_leaves_routing() {
         let chunk = resp.chunk().await.unwrap().expect("stream open");
         text.push_str(&String::from_utf8_lossy(&chunk));
     }
-    let health: Value = client
-        .get(format!("{url}/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let target = health["instances"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| id_of(i) == worker)
-        .unwrap()["url"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let target = engine_url(&client, &url, &worker).await;
     let killed_at = Instant::now();
     engines
         .iter_mut()
@@ -462,17 +410,8 @@ async fn a_killed_engine_ends_the_stream_cleanly_and_leaves_routing() {
     wait_until("the engine out of routing", 2, || {
         let (c, u, w) = (client.clone(), url.clone(), worker.clone());
         async move {
-            let h: Value = c
-                .get(format!("{u}/health"))
-                .send()
+            instances(&c, &u)
                 .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            h["instances"]
-                .as_array()
-                .unwrap()
                 .iter()
                 .any(|i| id_of(i) == w && i["healthy"] == false)
         }
@@ -517,6 +456,31 @@ async fn an_engines_400_reaches_the_client_unchanged() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+}
+
+/// The engines as the router's `/health` lists them.
+async fn instances(client: &reqwest::Client, url: &str) -> Vec<Value> {
+    let h: Value = client
+        .get(format!("{url}/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    h["instances"].as_array().unwrap().clone()
+}
+
+/// The URL of the engine the router knows as `worker`.
+async fn engine_url(client: &reqwest::Client, url: &str, worker: &str) -> String {
+    instances(client, url)
+        .await
+        .iter()
+        .find(|i| id_of(i) == worker)
+        .unwrap()["url"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 /// A worker id from `/health` or `/router/state`, as the response headers write it.
