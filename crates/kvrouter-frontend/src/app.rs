@@ -749,7 +749,7 @@ struct Run {
     kind: Kind,
     /// A finish reason to report after the text already returned.
     pending_finish: Option<&'static str>,
-    /// The token ids of the last step (`return_token_ids`).
+    /// Token ids not yet sent in a chunk (`return_token_ids`).
     last_ids: Vec<u32>,
     /// Put each chunk's token ids in it (vLLM's `return_token_ids`).
     return_token_ids: bool,
@@ -774,7 +774,7 @@ impl Run {
                 let text_only = out.token_ids.is_empty() && out.text.is_some();
                 self.tracker
                     .tokens(out.token_ids.len() + usize::from(text_only));
-                self.last_ids.clear();
+                // Ids wait for the chunk that carries their text (or the finish).
                 self.last_ids.extend_from_slice(&out.token_ids);
                 if let Some(u) = out.completion_usage
                     && let Some(d) = u.prompt_tokens_details
@@ -841,7 +841,7 @@ impl Run {
             .observe(f64::from(self.cached_tokens));
     }
 
-    fn chunk(&self, text: Option<&str>, role: bool, finish: Option<&str>) -> Value {
+    fn chunk(&mut self, text: Option<&str>, role: bool, finish: Option<&str>) -> Value {
         let created = self.s.created;
         match self.kind {
             Kind::Chat => {
@@ -861,9 +861,7 @@ impl Run {
             Kind::Completion => {
                 let mut choice = json!({"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish});
                 if self.return_token_ids {
-                    // A finish-only chunk repeats no ids: they went with the text.
-                    let ids: &[u32] = if text.is_some() { &self.last_ids } else { &[] };
-                    choice["token_ids"] = json!(ids);
+                    choice["token_ids"] = json!(std::mem::take(&mut self.last_ids));
                 }
                 json!({
                     "id": self.id, "object": "text_completion", "created": created,

@@ -12,7 +12,7 @@ use std::time::Duration;
 use kvrouter_core::busy::LoadThresholds;
 use kvrouter_core::{KvRouterConfig, RouterMode};
 use kvrouter_mocker::service::{self, MockWorker, WorkerConfig};
-use kvrouter_mocker::vllm::prometheus_text;
+use kvrouter_mocker::vllm::{prometheus_text, sources_json};
 use kvrouter_runtime::endpoint::EndpointId;
 use kvrouter_runtime::node::{Node, new_instance_id};
 use tokio::net::TcpListener;
@@ -64,15 +64,11 @@ impl StandIn {
             listener,
         )
         .await?;
-        let ranks = cfg.data_parallel_size.max(1);
-        let sources = cfg
-            .zmq_events
-            .as_ref()
-            .map_or(serde_json::json!({}), |z| z.sources_json(ranks));
         let model = cfg.model_name.clone();
         let worker = service::start(&node, &endpoint, new_instance_id(), cfg)
             .await
             .map_err(|e| e.to_string())?;
+        let sources = sources_json(worker.zmq_addresses());
         let stats = worker.stats().to_vec();
         frontend.frontend.set_engine_facade(EngineFacade {
             metrics: Arc::new(move || prometheus_text(&model, block_size as usize, &stats)),
@@ -96,6 +92,11 @@ impl StandIn {
     /// Where its OpenAI server listens.
     pub fn addr(&self) -> SocketAddr {
         self.frontend.addr
+    }
+
+    /// Each rank's bound ZeroMQ PUB and replay addresses.
+    pub fn zmq_addresses(&self) -> &[(String, Option<String>)] {
+        self.worker.as_ref().map_or(&[], |w| w.zmq_addresses())
     }
 
     /// Stops it: the worker (and its ZeroMQ sockets), then the HTTP server.

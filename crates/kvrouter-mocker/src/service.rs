@@ -107,12 +107,18 @@ pub struct MockWorker {
     served: Option<Served>,
     cancel: CancellationToken,
     stats: Vec<Arc<RankStats>>,
+    zmq: Vec<(String, Option<String>)>,
 }
 
 impl MockWorker {
     /// Each rank's load, kept current by its engine loop.
     pub fn stats(&self) -> &[Arc<RankStats>] {
         &self.stats
+    }
+
+    /// Each rank's bound ZeroMQ PUB and replay addresses (vLLM-format events).
+    pub fn zmq_addresses(&self) -> &[(String, Option<String>)] {
+        &self.zmq
     }
 
     /// The instance id.
@@ -178,6 +184,7 @@ pub async fn start(
     let mut tx = Vec::new();
     let mut stats = Vec::new();
     let mut books = Vec::new();
+    let mut zmq_addresses = Vec::new();
     for r in 0..ranks {
         let (t, rx) = mpsc::unbounded_channel();
         tx.push(t);
@@ -190,6 +197,10 @@ pub async fn start(
                 })?;
                 let book = Arc::new(TokenBook::default());
                 books.push(book.clone());
+                zmq_addresses.push((
+                    publisher.address().to_string(),
+                    publisher.replay_address().map(str::to_string),
+                ));
                 Some((publisher, book))
             }
             None => None,
@@ -233,6 +244,7 @@ pub async fn start(
         served: Some(served),
         cancel,
         stats,
+        zmq: zmq_addresses,
     })
 }
 

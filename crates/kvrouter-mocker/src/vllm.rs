@@ -35,7 +35,9 @@ pub struct ZmqEventsConfig {
 
 impl ZmqEventsConfig {
     fn endpoint(&self, port: u16, rank: u32) -> String {
-        format!("tcp://{}:{}", self.host, u32::from(port) + rank)
+        // Port 0 lets the OS choose, for every rank (as vLLM ≥ 0.31 allows).
+        let port = if port == 0 { 0 } else { u32::from(port) + rank };
+        format!("tcp://{}:{port}", self.host)
     }
 
     /// Binds rank `rank`'s publisher.
@@ -49,32 +51,26 @@ impl ZmqEventsConfig {
         )
         .await
     }
+}
 
-    /// `/kv_event_sources` as vLLM ≥ 0.31 serves it: `{rank: KVEventsConfig}`.
-    pub fn sources_json(&self, ranks: u32) -> serde_json::Value {
-        let host = if self.host == "0.0.0.0" {
-            "*"
-        } else {
-            &self.host
-        };
-        let m: serde_json::Map<String, serde_json::Value> = (0..ranks)
-            .map(|r| {
-                let port = u32::from(self.port) + r;
-                let replay = self
-                    .replay_port
-                    .map(|p| format!("tcp://{host}:{}", u32::from(p) + r));
-                (
-                    r.to_string(),
-                    serde_json::json!({
-                        "enable_kv_cache_events": true, "publisher": "zmq",
-                        "endpoint": format!("tcp://{host}:{port}"), "replay_endpoint": replay,
-                        "buffer_steps": kvrouter_engines::publisher::BUFFER_STEPS, "topic": "",
-                    }),
-                )
-            })
-            .collect();
-        serde_json::Value::Object(m)
-    }
+/// `/kv_event_sources` as vLLM ≥ 0.31 serves it, `{rank: KVEventsConfig}`,
+/// from the addresses each rank's sockets were bound to.
+pub fn sources_json(bound: &[(String, Option<String>)]) -> serde_json::Value {
+    let m: serde_json::Map<String, serde_json::Value> = bound
+        .iter()
+        .enumerate()
+        .map(|(r, (endpoint, replay))| {
+            (
+                r.to_string(),
+                serde_json::json!({
+                    "enable_kv_cache_events": true, "publisher": "zmq",
+                    "endpoint": endpoint, "replay_endpoint": replay,
+                    "buffer_steps": kvrouter_engines::publisher::BUFFER_STEPS, "topic": "",
+                }),
+            )
+        })
+        .collect();
+    serde_json::Value::Object(m)
 }
 
 /// A block's tokens and the number of in-flight requests holding them.

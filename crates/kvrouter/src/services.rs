@@ -405,16 +405,22 @@ pub fn mocker(args: &MockerArgs) -> anyhow::Result<()> {
             let standin = StandIn::start(cfg.clone(), pre, listener)
                 .await
                 .map_err(anyhow::Error::msg)?;
-            let events = match (s.zmq_kv_events_port, s.zmq_replay_port) {
-                (Some(z), Some(r)) => format!(
-                    ", KV events on tcp://{}:{z} (replay {r}), {:?} form",
-                    s.openai_host, s.zmq_event_format
-                ),
-                (Some(z), None) => format!(
-                    ", KV events on tcp://{}:{z} (no replay), {:?} form",
-                    s.openai_host, s.zmq_event_format
-                ),
-                _ => ", no KV events".into(),
+            let events: Vec<String> = standin
+                .zmq_addresses()
+                .iter()
+                .map(|(p, r)| match r {
+                    Some(r) => format!("{p} (replay {r})"),
+                    None => format!("{p} (no replay)"),
+                })
+                .collect();
+            let events = if events.is_empty() {
+                ", no KV events".to_string()
+            } else {
+                format!(
+                    ", KV events on {}, {:?} form",
+                    events.join(", "),
+                    s.zmq_event_format
+                )
             };
             println!(
                 "kvrouter mocker: stand-in engine for {} on http://{}{events}, block size {}",

@@ -253,32 +253,42 @@ fn frontend_routes_through_a_standalone_router() {
 #[test]
 fn an_external_engine_joins_through_its_sidecar() {
     let mut f = Fleet::start();
-    let port = |_: ()| kvrouter_runtime::testing::free_port();
-    let (http, zmq, replay) = (port(()), port(()), port(()));
-    f.spawn(&[
-        "mocker",
-        "--openai-host",
-        "127.0.0.1",
-        "--openai-port",
-        &http.to_string(),
-        "--zmq-kv-events-port",
-        &zmq.to_string(),
-        "--zmq-replay-port",
-        &replay.to_string(),
-        "--block-size",
-        "16",
-        "--speedup-ratio",
-        "50",
-    ]);
-    let url = format!("http://127.0.0.1:{http}");
+    // The stand-in picks its own ports; the sidecar asks it for its event ports.
+    let mut standin = f
+        .cmd(&[
+            "mocker",
+            "--openai-host",
+            "127.0.0.1",
+            "--openai-port",
+            "0",
+            "--zmq-kv-events-port",
+            "0",
+            "--zmq-replay-port",
+            "0",
+            "--block-size",
+            "16",
+            "--speedup-ratio",
+            "50",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    let mut out = std::io::BufReader::new(standin.stdout.take().unwrap());
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    std::thread::spawn(move || for _ in std::io::BufRead::lines(out) {});
+    f.children.push(standin);
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .trim_end_matches(',')
+        .to_string();
     f.spawn(&[
         "engine",
         "--url",
         &url,
-        "--kv-events",
-        &format!("tcp://127.0.0.1:{zmq}"),
-        "--replay",
-        &format!("tcp://127.0.0.1:{replay}"),
         "--endpoint",
         "ext.backend.generate",
         "--namespace",

@@ -37,12 +37,14 @@ impl Drop for Proc {
     }
 }
 
-/// One stand-in engine: its HTTP, PUB and replay ports.
+/// One stand-in engine. Ports are the OS's choice (read back from its banner
+/// and `/kv_event_sources`, which the router then discovers by itself), or
+/// fixed ones for an engine that must come back on the same ports.
 struct Engine {
     proc: Option<Proc>,
-    http: u16,
-    zmq: u16,
-    replay: u16,
+    /// `(http, zmq, replay)` when fixed.
+    fixed: Option<(u16, u16, u16)>,
+    url: String,
     speedup: &'static str,
 }
 
@@ -50,32 +52,42 @@ impl Engine {
     fn new(speedup: &'static str) -> Self {
         Self {
             proc: None,
-            http: free_port(),
-            zmq: free_port(),
-            replay: free_port(),
+            fixed: None,
+            url: String::new(),
             speedup,
         }
     }
 
+    /// An engine that restarts on the same ports (named in `--engine`).
+    fn fixed(speedup: &'static str) -> Self {
+        Self {
+            fixed: Some((free_port(), free_port(), free_port())),
+            ..Self::new(speedup)
+        }
+    }
+
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.http)
+        self.url.clone()
     }
 
     fn spec(&self) -> String {
-        format!(
-            "{},kv-events=tcp://127.0.0.1:{},replay=tcp://127.0.0.1:{}",
-            self.url(),
-            self.zmq,
-            self.replay
-        )
+        match self.fixed {
+            Some((_, zmq, replay)) => format!(
+                "{},kv-events=tcp://127.0.0.1:{zmq},replay=tcp://127.0.0.1:{replay}",
+                self.url
+            ),
+            // Event ports are asked of the engine (/kv_event_sources).
+            None => self.url.clone(),
+        }
     }
 
     async fn start(&mut self) {
-        let child = kvrouter()
+        let (http, zmq, replay) = self.fixed.unwrap_or((0, 0, 0));
+        let mut child = kvrouter()
             .args(["mocker", "--openai-host", "127.0.0.1"])
-            .args(["--openai-port", &self.http.to_string()])
-            .args(["--zmq-kv-events-port", &self.zmq.to_string()])
-            .args(["--zmq-replay-port", &self.replay.to_string()])
+            .args(["--openai-port", &http.to_string()])
+            .args(["--zmq-kv-events-port", &zmq.to_string()])
+            .args(["--zmq-replay-port", &replay.to_string()])
             .args([
                 "--block-size",
                 &BS.to_string(),
@@ -83,11 +95,13 @@ impl Engine {
                 self.speedup,
             ])
             .args(["--num-gpu-blocks", "4096"])
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
+        let stdout = child.stdout.take().unwrap();
         self.proc = Some(Proc(child));
+        self.url = banner_url(stdout).await;
         let client = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -104,6 +118,25 @@ impl Engine {
     fn kill(&mut self) {
         drop(self.proc.take());
     }
+}
+
+/// The `http://…` address a service prints on its first line.
+async fn banner_url(stdout: std::process::ChildStdout) -> String {
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        let mut r = std::io::BufReader::new(stdout);
+        r.read_line(&mut line).unwrap();
+        // Keep draining, so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in r.lines() {});
+        line
+    })
+    .await
+    .unwrap();
+    line.split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .trim_end_matches(',')
+        .to_string()
 }
 
 /// `kvrouter serve` over engines; returns its URL.
@@ -125,21 +158,7 @@ async fn serve(engines: &[&Engine], extra: &[&str]) -> (Proc, String) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let line = tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        std::io::BufReader::new(stdout)
-            .read_line(&mut line)
-            .unwrap();
-        line
-    })
-    .await
-    .unwrap();
-    let url = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_string();
+    let url = banner_url(child.stdout.take().unwrap()).await;
     (Proc(child), url)
 }
 
@@ -302,7 +321,7 @@ async fn prefixes_follow_the_events_and_a_restarted_router_replays_them() {
 
 #[tokio::test]
 async fn a_restarted_engine_is_cleared_and_rebuilt() {
-    let mut engines: Vec<Engine> = (0..2).map(|_| Engine::new("20")).collect();
+    let mut engines: Vec<Engine> = (0..2).map(|_| Engine::fixed("20")).collect();
     for e in &mut engines {
         e.start().await;
     }
