@@ -12,8 +12,9 @@
 //! engine's answer as a stream that keeps the router's model of the request
 //! current ([`passthrough`](crate::passthrough)); an engine that refuses the
 //! connection before any byte is sent is marked down and the request goes to
-//! another one. Engines that publish no events leave the router to predict
-//! their caches from its own decisions (approximate mode).
+//! another one. The caches of engines that publish no events are predicted
+//! from the router's own decisions: by the approximate index when no engine
+//! publishes, per engine ([`predicted`](crate::predicted)) beside engines that do.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -34,6 +35,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::passthrough::Passthrough;
+use crate::predicted::Predicted;
 use crate::router::{KvRouter, RouteError, RouteQuery};
 
 /// How the pool follows its engines.
@@ -171,6 +173,8 @@ pub struct EnginePool {
     metrics: EngineMetrics,
     cancel: CancellationToken,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Predicted caches of the engines that publish no events.
+    predicted: Option<Arc<Predicted>>,
 }
 
 /// A stable worker id for an engine URL (the same across router restarts).
@@ -238,7 +242,7 @@ impl Discovered {
                 );
             }
             if f.events.is_empty() && router.config().use_kv_events {
-                tracing::warn!(engine = %base, "the engine advertises no KV events and none were given (kv-events=): its cache is invisible to the router");
+                tracing::warn!(engine = %base, "the engine advertises no KV events and none were given (kv-events=): routing it approximately (its cache predicted from the router's decisions, --router-ttl)");
             }
             let id = engine_id(&base);
             let engine = Arc::new(Engine {
@@ -272,6 +276,10 @@ impl Discovered {
                 .set(i64::from(f.up));
             engines.insert(id, engine);
         }
+        // Engines without events, beside engines with: approximate per engine.
+        let predicted = (router.config().use_kv_events
+            && engines.values().any(|e| e.events.is_empty()))
+        .then(|| Arc::new(Predicted::new(router.config().prune_config().ttl)));
         let pool = Arc::new(EnginePool {
             router,
             engines,
@@ -279,7 +287,12 @@ impl Discovered {
             metrics,
             cancel,
             tasks: Mutex::new(Vec::new()),
+            predicted,
         });
+        if let Some(p) = &pool.predicted {
+            let task = p.spawn_expiry(pool.router.clone(), pool.cancel.clone());
+            pool.tasks.lock().push(task);
+        }
         pool.subscribe(cfg.replay_timeout);
         for e in pool.engines.values() {
             let task = tokio::spawn(follow(
@@ -456,6 +469,14 @@ impl EnginePool {
             })?;
             let engine = self.engines[&routing.worker.worker_id].clone();
             let active = self.router.begin(request_id, &routing, None);
+            if let Some(p) = self.predicted.as_ref().filter(|_| engine.events.is_empty()) {
+                p.routed(
+                    &self.router,
+                    routing.worker,
+                    routing.blocks(),
+                    std::time::Instant::now(),
+                );
+            }
             req.dp_rank = (engine.dp_size > 1).then_some(routing.worker.dp_rank);
             let labels = [engine.id.to_string()];
             match engine.upstream.forward(req.clone()).await {

@@ -23,6 +23,7 @@ pub mod engines;
 pub mod global;
 pub mod metrics;
 pub mod passthrough;
+pub mod predicted;
 pub mod router;
 pub mod sidecar;
 pub mod standalone;

@@ -85,6 +85,13 @@ pub struct Routing {
     seq_hashes: Option<Vec<u64>>,
 }
 
+impl Routing {
+    /// The prompt's block hashes, as the router computed them.
+    pub fn blocks(&self) -> &[LocalBlockHash] {
+        &self.local
+    }
+}
+
 /// Load the router sees on one worker rank.
 #[derive(Debug, Clone, Serialize)]
 pub struct RankState {
