@@ -22,11 +22,13 @@
 //! - [`selection`]: the cost function, softmax sampling, tie-breaking, router modes.
 //! - [`busy`]: busy thresholds and overload detection.
 //! - [`llm`]: the tokenized request and engine output exchanged with workers.
+//! - [`error`]: the typed error that crosses process and engine boundaries.
 
 #![deny(missing_docs)]
 
 pub mod busy;
 pub mod config;
+pub mod error;
 mod fast_hash;
 pub mod hash;
 pub mod index;

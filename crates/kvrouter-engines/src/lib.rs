@@ -14,7 +14,6 @@
 //! publishes vLLM-format events for engines kvrouter simulates; [`metrics`]
 //! holds what all of this counts.
 
-pub mod error;
 pub mod metrics;
 pub mod observe;
 pub mod probe;
@@ -27,7 +26,7 @@ pub mod translate;
 pub mod upstream;
 pub mod wire;
 
-pub use error::{Blame, UpstreamError};
+pub use kvrouter_core::error::{self, Blame, ErrorCode, UpstreamError};
 pub use metrics::EngineMetrics;
 pub use source::{KvEventSink, KvEventSource, ZmqSourceConfig};
 pub use spec::EngineSpec;

@@ -118,9 +118,11 @@ impl From<GenerateError> for ApiError {
     fn from(e: GenerateError) -> Self {
         match e {
             GenerateError::Route(r) => r.into(),
-            GenerateError::Upstream { source, .. } if matches!(source, kvrouter_runtime::request::RequestError::Remote(ref m) if m.starts_with("invalid request")) => {
-                ApiError::invalid(source.to_string(), None)
-            }
+            // The worker's typed error decides the status.
+            GenerateError::Upstream {
+                source: kvrouter_runtime::request::RequestError::Remote(m),
+                ..
+            } => kvrouter_core::error::UpstreamError::from_wire(&m).into(),
             other => Self {
                 status: StatusCode::BAD_GATEWAY,
                 message: other.to_string(),
@@ -151,6 +153,9 @@ impl From<kvrouter_engines::UpstreamError> for ApiError {
                 "upstream_error",
                 "engine_unreachable",
             ),
+            (_, ErrorCode::WorkerFailed) => {
+                (StatusCode::BAD_GATEWAY, "upstream_error", "worker_failed")
+            }
             _ => (StatusCode::BAD_GATEWAY, "upstream_error", "engine_failed"),
         };
         Self {

@@ -41,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 use crate::blocks::FullBlock;
 use crate::engine::{Engine, EngineConfig, EngineRequest, TokenOutput};
 use crate::vllm::{BookGuard, RankStats, TokenBook, ZmqEventsConfig};
+use kvrouter_core::error::UpstreamError;
 use kvrouter_engines::publisher::ZmqKvPublisher;
 
 /// Tokens generated when a request sets no `max_tokens`.
@@ -437,20 +438,21 @@ impl Handler for Ranks {
         let req: PreprocessedRequest = match serde_json::from_slice(&request) {
             Ok(r) => r,
             Err(e) => {
-                let msg = format!("invalid request: {e}");
+                let msg = UpstreamError::invalid(format!("invalid request: {e}")).to_wire();
                 return futures::stream::once(async move { Err(msg) }).boxed();
             }
         };
         let prompt = req.token_ids.len() as u32;
         if prompt == 0 {
-            return futures::stream::once(async { Err("invalid request: empty prompt".into()) })
-                .boxed();
+            let msg = UpstreamError::invalid("invalid request: empty prompt").to_wire();
+            return futures::stream::once(async move { Err(msg) }).boxed();
         }
         if prompt >= self.cfg.context_length {
-            let msg = format!(
+            let msg = UpstreamError::invalid(format!(
                 "invalid request: the prompt has {prompt} tokens; the context is {}",
                 self.cfg.context_length
-            );
+            ))
+            .to_wire();
             return futures::stream::once(async move { Err(msg) }).boxed();
         }
         let rank = req.dp_rank().unwrap_or(0) as usize % self.tx.len();
@@ -490,7 +492,8 @@ impl Handler for Ranks {
             max_tokens: max_tokens as usize,
         };
         if self.tx[rank].send(Command::Add(engine_req, tx)).is_err() {
-            return futures::stream::once(async { Err("worker is shutting down".into()) }).boxed();
+            let msg = UpstreamError::unreachable("worker is shutting down").to_wire();
+            return futures::stream::once(async move { Err(msg) }).boxed();
         }
         // Unseeded requests differ across requests and workers.
         let seed = req
@@ -529,7 +532,8 @@ impl Handler for Ranks {
                 t = g.rx.recv() => t,
             };
             let Some(t) = t else {
-                return Some((Err("the engine dropped the request".to_string()), None));
+                let e = UpstreamError::mid_stream("the engine dropped the request");
+                return Some((Err(e.to_wire()), None));
             };
             let generated = t.generated as u32;
             let eos = !g.ignore_eos

@@ -28,9 +28,7 @@ use kvrouter_core::{RouterEvent, WorkerKey};
 use kvrouter_engines::probe::{Probe, RankEvents};
 use kvrouter_engines::spec::rank_endpoint;
 use kvrouter_engines::tokens::TokenUpstream;
-use kvrouter_engines::{
-    Blame, EngineMetrics, EngineSpec, KvEventSink, KvEventSource, ZmqSourceConfig,
-};
+use kvrouter_engines::{EngineMetrics, EngineSpec, KvEventSink, KvEventSource, ZmqSourceConfig};
 use kvrouter_runtime::endpoint::{EndpointId, InstanceId, WorkerMetadata};
 use kvrouter_runtime::node::{Node, Served};
 use kvrouter_runtime::request::Handler;
@@ -92,7 +90,9 @@ impl Handler for EngineHandler {
         let req: PreprocessedRequest = match serde_json::from_slice(&request) {
             Ok(r) => r,
             Err(e) => {
-                let msg = format!("invalid request: {e}");
+                let msg =
+                    kvrouter_core::error::UpstreamError::invalid(format!("invalid request: {e}"))
+                        .to_wire();
                 return futures::stream::once(async move { Err(msg) }).boxed();
             }
         };
@@ -101,20 +101,13 @@ impl Handler for EngineHandler {
         let started = async move { upstream.generate(&req, rank).await };
         futures::stream::once(started)
             .flat_map(move |r| match r {
-                // The worker convention: a client's error starts with "invalid request".
-                Err(e) if e.blame == Blame::Client => {
-                    futures::stream::once(
-                        async move { Err(format!("invalid request: {}", e.message)) },
-                    )
-                    .boxed()
-                }
-                Err(e) => futures::stream::once(async move { Err(e.message) }).boxed(),
+                Err(e) => futures::stream::once(async move { Err(e.to_wire()) }).boxed(),
                 Ok(s) => s
                     .map(|o| match o {
                         Ok(out) => Ok(Bytes::from(
                             serde_json::to_vec(&out).expect("outputs serialize"),
                         )),
-                        Err(e) => Err(e.message),
+                        Err(e) => Err(e.to_wire()),
                     })
                     .boxed(),
             })

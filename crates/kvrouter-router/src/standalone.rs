@@ -69,9 +69,19 @@ pub struct BestWorker {
     pub engine_url: Option<String>,
 }
 
-/// The error code and message of a failed router call.
+/// A failed router call, as the typed error's wire form (`{"code",
+/// "message", "retryable", "blame"}`, `code` one of `invalid_request`,
+/// `no_workers`, `all_workers_busy`, `worker_failed`).
 pub fn error_json(code: &str, message: impl std::fmt::Display) -> String {
-    json!({"code": code, "message": message.to_string()}).to_string()
+    use kvrouter_core::error::{ErrorCode, UpstreamError};
+    let message = message.to_string();
+    let e = match code {
+        "invalid_request" => UpstreamError::invalid(message),
+        "no_workers" => UpstreamError::router(ErrorCode::NoWorkers, message),
+        "all_workers_busy" => UpstreamError::router(ErrorCode::AllWorkersBusy, message),
+        _ => UpstreamError::router(ErrorCode::WorkerFailed, message),
+    };
+    e.to_wire()
 }
 
 fn route_error(e: &RouteError) -> String {
@@ -86,6 +96,11 @@ fn route_error(e: &RouteError) -> String {
 fn generate_error(e: &GenerateError) -> String {
     match e {
         GenerateError::Route(r) => route_error(r),
+        // The worker's own typed error goes on as it came.
+        GenerateError::Upstream {
+            source: kvrouter_runtime::request::RequestError::Remote(m),
+            ..
+        } => kvrouter_core::error::UpstreamError::from_wire(m).to_wire(),
         other => error_json("worker_failed", other),
     }
 }

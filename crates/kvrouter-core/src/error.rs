@@ -1,6 +1,8 @@
 //! One error for everything that crosses a process or engine boundary: a
 //! machine-readable code, a message, whether another worker may be tried,
-//! and who is to blame. The frontend chooses the HTTP status from it, once.
+//! and who is to blame. Workers, routers and engine adapters produce it; the
+//! request plane carries it as its JSON ([`UpstreamError::to_wire`]); the
+//! frontend chooses the HTTP status from it, once.
 
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +34,12 @@ pub enum ErrorCode {
     Protocol,
     /// The engine answered 5xx.
     EngineError,
+    /// No worker is available.
+    NoWorkers,
+    /// Every worker is over a busy threshold.
+    AllWorkersBusy,
+    /// A worker failed (behind a router).
+    WorkerFailed,
 }
 
 impl ErrorCode {
@@ -44,6 +52,9 @@ impl ErrorCode {
             ErrorCode::FailedMidStream => "failed_mid_stream",
             ErrorCode::Protocol => "protocol",
             ErrorCode::EngineError => "engine_error",
+            ErrorCode::NoWorkers => "no_workers",
+            ErrorCode::AllWorkersBusy => "all_workers_busy",
+            ErrorCode::WorkerFailed => "worker_failed",
         }
     }
 }
@@ -102,6 +113,54 @@ impl UpstreamError {
             blame: Blame::Engine,
         }
     }
+
+    /// A router-side refusal (no worker, all busy) or a worker's failure.
+    pub fn router(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            retryable: false,
+            blame: if code == ErrorCode::WorkerFailed {
+                Blame::Engine
+            } else {
+                Blame::Router
+            },
+        }
+    }
+
+    /// As the request plane carries it: the JSON object.
+    pub fn to_wire(&self) -> String {
+        serde_json::to_string(self).expect("errors serialize")
+    }
+
+    /// From the request plane. A peer that predates typed errors sends a
+    /// bare message (or `{"code","message"}`); the worker convention that a
+    /// client's error starts with "invalid request" is read here, and only
+    /// here, for them.
+    pub fn from_wire(s: &str) -> Self {
+        if let Ok(e) = serde_json::from_str::<UpstreamError>(s) {
+            return e;
+        }
+        #[derive(Deserialize)]
+        struct Legacy {
+            code: String,
+            message: String,
+        }
+        if let Ok(l) = serde_json::from_str::<Legacy>(s) {
+            let code = match l.code.as_str() {
+                "invalid_request" => return Self::invalid(l.message),
+                "no_workers" => ErrorCode::NoWorkers,
+                "all_workers_busy" => ErrorCode::AllWorkersBusy,
+                _ => ErrorCode::WorkerFailed,
+            };
+            return Self::router(code, l.message);
+        }
+        if s.starts_with("invalid request") {
+            Self::invalid(s)
+        } else {
+            Self::router(ErrorCode::WorkerFailed, s)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -119,5 +178,23 @@ mod tests {
         );
         assert_eq!(serde_json::from_value::<UpstreamError>(v).unwrap(), e);
         assert_eq!(e.code.as_str(), "unreachable");
+    }
+
+    #[test]
+    fn wire_form_and_older_peers() {
+        let e = UpstreamError::invalid("the prompt is empty");
+        assert_eq!(UpstreamError::from_wire(&e.to_wire()), e);
+        let legacy = UpstreamError::from_wire("invalid request: empty prompt");
+        assert_eq!(legacy.blame, Blame::Client);
+        let failed = UpstreamError::from_wire("the engine dropped the request");
+        assert_eq!(
+            (failed.code, failed.blame),
+            (ErrorCode::WorkerFailed, Blame::Engine)
+        );
+        let busy = UpstreamError::from_wire(r#"{"code":"all_workers_busy","message":"busy"}"#);
+        assert_eq!(
+            (busy.code, busy.blame),
+            (ErrorCode::AllWorkersBusy, Blame::Router)
+        );
     }
 }
