@@ -538,8 +538,9 @@ pub fn router(args: &RouterArgs, kv: KvRouterConfig) -> anyhow::Result<()> {
             .await
             .map_err(anyhow::Error::msg)?;
         let id = new_instance_id();
-        let service = StandaloneRouter::start(&node, &args.runtime.namespace, id, pool).await?;
+        // Metrics first: once the router is discoverable, its metrics answer too.
         system_metrics(registry).await?;
+        let service = StandaloneRouter::start(&node, &args.runtime.namespace, id, pool).await?;
         println!(
             "kvrouter router: instance {id} serving {} and {} for {endpoint} (block size {})",
             service.generate.instance.endpoint,
@@ -629,6 +630,7 @@ pub fn global_router(args: &GlobalRouterArgs) -> anyhow::Result<()> {
         let node = node(&args.runtime, "0.0.0.0").await?;
         let registry = prometheus::Registry::new();
         let id = new_instance_id();
+        system_metrics(registry.clone()).await?;
         let service = GlobalRouter::start(
             &node,
             &args.runtime.namespace,
@@ -643,7 +645,6 @@ pub fn global_router(args: &GlobalRouterArgs) -> anyhow::Result<()> {
             &registry,
         )
         .await?;
-        system_metrics(registry).await?;
         println!(
             "kvrouter global-router: instance {id} serving {} and {} for model {}",
             service.generate.instance.endpoint, service.prefill.instance.endpoint, args.model_name

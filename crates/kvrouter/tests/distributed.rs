@@ -160,8 +160,8 @@ fn frontend_routes_through_a_standalone_router() {
         "--namespace",
         "front",
     ]);
-    let metrics_port = kvrouter_runtime::testing::free_port();
-    let router = f
+    // Port 0: the router binds one and prints it (no port reserved and raced for).
+    let mut router = f
         .cmd(&[
             "router",
             "--endpoint",
@@ -171,11 +171,21 @@ fn frontend_routes_through_a_standalone_router() {
             "--namespace",
             "front",
         ])
-        .env("DYN_SYSTEM_PORT", metrics_port.to_string())
+        .env("DYN_SYSTEM_PORT", "0")
+        .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let mut err = std::io::BufReader::new(router.stderr.take().unwrap());
+    let metrics_url = loop {
+        let mut line = String::new();
+        assert!(err.read_line(&mut line).unwrap() > 0, "the router exited");
+        if let Some(u) = line.split_whitespace().find(|w| w.starts_with("http://")) {
+            break u.to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in err.lines() {});
     f.children.push(router);
     let mut frontend = f
         .cmd(&[
@@ -228,7 +238,7 @@ fn frontend_routes_through_a_standalone_router() {
         assert_eq!(v["usage"]["completion_tokens"], 4, "{v}");
         // The standalone router made the decision: its own metrics count it.
         let metrics = client
-            .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+            .get(metrics_url.replace("0.0.0.0", "127.0.0.1"))
             .send()
             .await
             .unwrap()

@@ -249,6 +249,20 @@ async fn indexed(client: &reqwest::Client, url: &str) -> Vec<(String, u64)> {
     v
 }
 
+/// Waits until the router indexes blocks of `worker` (its engine's events arrived).
+async fn wait_indexed(client: &reqwest::Client, url: &str, worker: &str, what: &str) {
+    wait_until(what, 10, || {
+        let (c, u, w) = (client.clone(), url.to_string(), worker.to_string());
+        async move {
+            indexed(&c, &u)
+                .await
+                .iter()
+                .any(|(id, n)| *id == w && *n > 0)
+        }
+    })
+    .await;
+}
+
 async fn wait_until<F: std::future::Future<Output = bool>>(
     what: &str,
     secs: u64,
@@ -276,17 +290,7 @@ async fn prefixes_follow_the_events_and_a_restarted_router_replays_them() {
         let first = ask(&client, &url, &chat(family, "first question", json!({}))).await;
         assert_eq!(first.overlap, 0);
         // The engine's stored events reach the router before the next request.
-        let w = first.worker.clone();
-        wait_until("the family's blocks indexed", 10, || {
-            let (c, u, w) = (client.clone(), url.clone(), w.clone());
-            async move {
-                indexed(&c, &u)
-                    .await
-                    .iter()
-                    .any(|(id, n)| *id == w && *n > 0)
-            }
-        })
-        .await;
+        wait_indexed(&client, &url, &first.worker, "the family's blocks indexed").await;
         for q in ["second question", "third question"] {
             let a = ask(&client, &url, &chat(family, q, json!({}))).await;
             assert_eq!(a.worker, first.worker, "family {family} moved");
@@ -351,17 +355,7 @@ async fn an_engine_without_events_is_routed_approximately() {
         let silent = engine_url(&client, &url, &first.worker).await == silent_url;
         if !silent {
             // The other engine's events must land before its next request.
-            let w = first.worker.clone();
-            wait_until("blocks indexed", 10, || {
-                let (c, u, w) = (client.clone(), url.clone(), w.clone());
-                async move {
-                    indexed(&c, &u)
-                        .await
-                        .iter()
-                        .any(|(id, n)| *id == w && *n > 0)
-                }
-            })
-            .await;
+            wait_indexed(&client, &url, &first.worker, "blocks indexed").await;
         }
         let again = ask(&client, &url, &chat(family, "two", json!({}))).await;
         assert_eq!(again.worker, first.worker, "family {family} moved");
@@ -389,17 +383,7 @@ async fn a_restarted_engine_is_cleared_and_rebuilt() {
     let (_router, url) = serve(&refs, &[]).await;
     let client = reqwest::Client::new();
     let first = ask(&client, &url, &chat(7, "q1", json!({}))).await;
-    let w = first.worker.clone();
-    wait_until("blocks indexed", 10, || {
-        let (c, u, w) = (client.clone(), url.clone(), w.clone());
-        async move {
-            indexed(&c, &u)
-                .await
-                .iter()
-                .any(|(id, n)| *id == w && *n > 0)
-        }
-    })
-    .await;
+    wait_indexed(&client, &url, &first.worker, "blocks indexed").await;
     // Restart the engine that holds the family, on the same ports.
     let idx = indexed(&client, &url)
         .await
@@ -422,17 +406,7 @@ async fn a_restarted_engine_is_cleared_and_rebuilt() {
     })
     .await;
     let again = ask(&client, &url, &chat(8, "fresh family", json!({}))).await;
-    let w = again.worker.clone();
-    wait_until("new blocks indexed", 10, || {
-        let (c, u, w) = (client.clone(), url.clone(), w.clone());
-        async move {
-            indexed(&c, &u)
-                .await
-                .iter()
-                .any(|(id, n)| *id == w && *n > 0)
-        }
-    })
-    .await;
+    wait_indexed(&client, &url, &again.worker, "new blocks indexed").await;
 }
 
 #[tokio::test]
