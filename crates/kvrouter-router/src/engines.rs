@@ -312,8 +312,10 @@ impl EnginePool {
     /// Asks every engine its model (waiting up to `startup_timeout` for
     /// engines still loading), health, geometry and KV-event ports.
     pub async fn discover(cfg: EnginePoolConfig) -> Result<Discovered, String> {
+        // A black-holed engine fails its connect in seconds (retryable), not at the first-byte timeout.
         let client = reqwest::Client::builder()
             .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(3))
             .build()
             .map_err(|e| e.to_string())?;
         let deadline = tokio::time::Instant::now() + cfg.startup_timeout;

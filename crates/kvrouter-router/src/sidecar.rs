@@ -173,6 +173,7 @@ impl Sidecar {
     pub async fn start(node: Node, cfg: SidecarConfig, id: InstanceId) -> Result<Self, String> {
         let client = reqwest::Client::builder()
             .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(3))
             .build()
             .map_err(|e| e.to_string())?;
         let base = cfg.spec.base();

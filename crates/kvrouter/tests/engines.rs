@@ -46,8 +46,10 @@ struct Engine {
     fixed: Option<(u16, u16, u16)>,
     /// Publishes no KV events at all.
     silent: bool,
+    extra: Vec<&'static str>,
     url: String,
     speedup: &'static str,
+    block_size: u32,
 }
 
 impl Engine {
@@ -56,8 +58,10 @@ impl Engine {
             proc: None,
             fixed: None,
             silent: false,
+            extra: Vec::new(),
             url: String::new(),
             speedup,
+            block_size: BS,
         }
     }
 
@@ -79,6 +83,12 @@ impl Engine {
 
     fn url(&self) -> String {
         self.url.clone()
+    }
+
+    /// Extra flags for the stand-in (model name, block size, …).
+    fn with(mut self, args: &[&'static str]) -> Self {
+        self.extra = args.to_vec();
+        self
     }
 
     fn spec(&self) -> String {
@@ -104,11 +114,12 @@ impl Engine {
         let mut child = cmd
             .args([
                 "--block-size",
-                &BS.to_string(),
+                &self.block_size.to_string(),
                 "--speedup-ratio",
                 self.speedup,
             ])
             .args(["--num-gpu-blocks", "4096"])
+            .args(&self.extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -539,4 +550,86 @@ async fn engine_url(client: &reqwest::Client, url: &str, worker: &str) -> String
 /// A worker id from `/health` or `/router/state`, as the response headers write it.
 fn id_of(v: &Value) -> String {
     v["worker_id"].as_u64().unwrap().to_string()
+}
+
+/// Engines serving different models are a start-up error naming each.
+#[tokio::test]
+async fn engines_that_disagree_on_the_model_stop_start_up() {
+    let mut a = Engine::new("20").with(&["--model-name", "alpha"]);
+    let mut b = Engine::new("20").with(&["--model-name", "beta"]);
+    a.start().await;
+    b.start().await;
+    let out = kvrouter()
+        .args(["serve", "--http-host", "127.0.0.1", "--http-port", "0"])
+        .args(["--engine", &a.spec(), "--engine", &b.spec()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for word in ["alpha", "beta", &a.url(), &b.url()] {
+        assert!(err.contains(word), "{word:?} not in {err}");
+    }
+}
+
+/// An engine whose blocks are not the router's size: reported, counted, never indexed.
+#[tokio::test]
+async fn a_foreign_block_size_is_reported_and_counted() {
+    let mut e = Engine::new("20");
+    e.block_size = 32;
+    e.start().await;
+    let mut child = kvrouter()
+        .args(["serve", "--http-host", "127.0.0.1", "--http-port", "0"])
+        .args(["--router-mode", "kv", "--kv-cache-block-size", "16"])
+        .args(["--engine", &e.spec()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let url = banner_url(child.stdout.take().unwrap()).await;
+    let _router = Proc(child);
+    let log = tokio::task::spawn_blocking(move || {
+        let mut r = std::io::BufReader::new(stderr);
+        let mut text = String::new();
+        let mut line = String::new();
+        while r.read_line(&mut line).unwrap_or(0) > 0 {
+            text.push_str(&line);
+            if line.contains("router_block_size") {
+                break;
+            }
+            line.clear();
+        }
+        text
+    });
+    let client = reqwest::Client::new();
+    let a = ask(&client, &url, &chat(1, "q", json!({}))).await;
+    assert_eq!(a.overlap, 0);
+    let text = tokio::time::timeout(Duration::from_secs(10), log)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        text.contains("engine_block_size=32") && text.contains("router_block_size=16"),
+        "{text}"
+    );
+    wait_until("the dropped blocks counted", 10, || {
+        let (c, u) = (client.clone(), url.clone());
+        async move {
+            let m = c
+                .get(format!("{u}/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            m.lines().any(|l| {
+                l.starts_with("kvrouter_engine_kv_blocks_dropped_total")
+                    && l.contains("reason=\"block_size\"")
+                    && !l.ends_with(" 0")
+            })
+        }
+    })
+    .await;
+    assert_eq!(state(&client, &url).await["indexed_blocks"], 0);
 }
