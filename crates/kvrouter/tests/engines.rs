@@ -633,3 +633,52 @@ async fn a_foreign_block_size_is_reported_and_counted() {
     .await;
     assert_eq!(state(&client, &url).await["indexed_blocks"], 0);
 }
+
+/// Events configured but never arriving (here: nothing publishes on the
+/// port given) are reported after 20 completed requests, naming the engine.
+#[tokio::test]
+async fn an_engine_whose_events_never_arrive_is_reported() {
+    let mut e = Engine::silent("20");
+    e.start().await;
+    let spec = format!("{},kv-events=tcp://127.0.0.1:{}", e.url(), free_port());
+    let mut child = kvrouter()
+        .args(["serve", "--http-host", "127.0.0.1", "--http-port", "0"])
+        .args([
+            "--router-mode",
+            "kv",
+            "--kv-cache-block-size",
+            "16",
+            "--engine",
+            &spec,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let url = banner_url(child.stdout.take().unwrap()).await;
+    let _router = Proc(child);
+    let log = tokio::task::spawn_blocking(move || {
+        let mut r = std::io::BufReader::new(stderr);
+        let mut line = String::new();
+        while r.read_line(&mut line).unwrap_or(0) > 0 {
+            if line.contains("no KV events from this engine") {
+                return line;
+            }
+            line.clear();
+        }
+        line
+    });
+    let client = reqwest::Client::new();
+    for i in 0..20 {
+        ask(&client, &url, &chat(i, "q", json!({}))).await;
+    }
+    let line = tokio::time::timeout(Duration::from_secs(10), log)
+        .await
+        .expect("reported")
+        .unwrap();
+    assert!(
+        line.contains(&e.url()) && line.contains("kv-events-config"),
+        "{line}"
+    );
+}
