@@ -149,12 +149,14 @@ pub(crate) async fn forward(
         .clone()
         .unwrap_or_else(|| "application/json".into());
     let worker = routed.worker_id.to_string();
+    let rank = routed.dp_rank.to_string();
     let overlap = routed.overlap_blocks.to_string();
     (
         status,
         [
             (header::CONTENT_TYPE.as_str(), content_type),
             ("x-kvrouter-worker-id", worker),
+            ("x-kvrouter-dp-rank", rank),
             ("x-kvrouter-overlap-blocks", overlap),
         ],
         Body::from_stream(routed.into_body()),

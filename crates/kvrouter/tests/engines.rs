@@ -205,6 +205,7 @@ fn chat(family: usize, question: &str, extra: Value) -> Value {
 
 struct Answer {
     worker: String,
+    rank: String,
     overlap: u32,
     cached: u64,
 }
@@ -219,6 +220,7 @@ async fn ask(client: &reqwest::Client, url: &str, body: &Value) -> Answer {
     assert_eq!(r.status(), 200);
     let h = |k: &str| r.headers().get(k).unwrap().to_str().unwrap().to_string();
     let worker = h("x-kvrouter-worker-id");
+    let rank = h("x-kvrouter-dp-rank");
     let overlap = h("x-kvrouter-overlap-blocks").parse().unwrap();
     let body: Value = r.json().await.unwrap();
     let cached = body["usage"]["prompt_tokens_details"]["cached_tokens"]
@@ -226,6 +228,7 @@ async fn ask(client: &reqwest::Client, url: &str, body: &Value) -> Answer {
         .unwrap();
     Answer {
         worker,
+        rank,
         overlap,
         cached,
     }
@@ -681,4 +684,46 @@ async fn an_engine_whose_events_never_arrive_is_reported() {
         line.contains(&e.url()) && line.contains("kv-events-config"),
         "{line}"
     );
+}
+
+/// A data-parallel engine: each rank's events on its own port (discovered),
+/// requests pinned to a rank with vLLM's header, families kept on their rank.
+#[tokio::test]
+async fn data_parallel_ranks_are_routed_and_pinned() {
+    let mut e = Engine::new("20").with(&["--data-parallel-size", "2"]);
+    e.start().await;
+    let (_router, url) = serve(&[&e], &[]).await;
+    let client = reqwest::Client::new();
+    let ranks = state(&client, &url).await["workers"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(ranks, 2, "both ranks discovered");
+    let mut used = std::collections::BTreeSet::new();
+    for family in 20..24 {
+        let first = ask(&client, &url, &chat(family, "one", json!({}))).await;
+        let rank = first.rank.clone();
+        wait_until("the rank's blocks indexed", 10, || {
+            let (c, u, r) = (client.clone(), url.clone(), rank.clone());
+            async move {
+                state(&c, &u).await["workers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|w| {
+                        w["dp_rank"].to_string() == r && w["indexed_blocks"].as_u64() > Some(0)
+                    })
+            }
+        })
+        .await;
+        let again = ask(&client, &url, &chat(family, "two", json!({}))).await;
+        assert_eq!(again.rank, first.rank, "family {family} changed rank");
+        assert_eq!(
+            again.cached,
+            u64::from(again.overlap * BS),
+            "the pinned rank held the prefix"
+        );
+        used.insert(first.rank);
+    }
+    assert_eq!(used.len(), 2, "both ranks served families");
 }
