@@ -711,7 +711,8 @@ async fn data_parallel_ranks_are_routed_and_pinned() {
                     .unwrap()
                     .iter()
                     .any(|w| {
-                        w["dp_rank"].to_string() == r && w["indexed_blocks"].as_u64() > Some(0)
+                        w["dp_rank"].as_u64().map(|d| d.to_string()) == Some(r.clone())
+                            && w["indexed_blocks"].as_u64() > Some(0)
                     })
             }
         })
