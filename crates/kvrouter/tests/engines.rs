@@ -164,6 +164,36 @@ async fn banner_url(stdout: std::process::ChildStdout) -> String {
         .to_string()
 }
 
+/// `kvrouter serve --engine SPEC` with its log kept: returns the process, its
+/// URL, and a task that ends with the first log line containing `needle`.
+async fn serve_watching(
+    spec: &str,
+    needle: &'static str,
+) -> (Proc, String, tokio::task::JoinHandle<String>) {
+    let mut child = kvrouter()
+        .args(["serve", "--http-host", "127.0.0.1", "--http-port", "0"])
+        .args(["--router-mode", "kv", "--kv-cache-block-size", "16"])
+        .args(["--engine", spec])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let url = banner_url(child.stdout.take().unwrap()).await;
+    let log = tokio::task::spawn_blocking(move || {
+        let mut r = std::io::BufReader::new(stderr);
+        let mut line = String::new();
+        while r.read_line(&mut line).unwrap_or(0) > 0 {
+            if line.contains(needle) {
+                return line;
+            }
+            line.clear();
+        }
+        line
+    });
+    (Proc(child), url, log)
+}
+
 /// `kvrouter serve` over engines; returns its URL.
 async fn serve(engines: &[&Engine], extra: &[&str]) -> (Proc, String) {
     let mut cmd = kvrouter();
@@ -580,30 +610,7 @@ async fn a_foreign_block_size_is_reported_and_counted() {
     let mut e = Engine::new("20");
     e.block_size = 32;
     e.start().await;
-    let mut child = kvrouter()
-        .args(["serve", "--http-host", "127.0.0.1", "--http-port", "0"])
-        .args(["--router-mode", "kv", "--kv-cache-block-size", "16"])
-        .args(["--engine", &e.spec()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let url = banner_url(child.stdout.take().unwrap()).await;
-    let _router = Proc(child);
-    let log = tokio::task::spawn_blocking(move || {
-        let mut r = std::io::BufReader::new(stderr);
-        let mut text = String::new();
-        let mut line = String::new();
-        while r.read_line(&mut line).unwrap_or(0) > 0 {
-            text.push_str(&line);
-            if line.contains("router_block_size") {
-                break;
-            }
-            line.clear();
-        }
-        text
-    });
+    let (_router, url, log) = serve_watching(&e.spec(), "router_block_size").await;
     let client = reqwest::Client::new();
     let a = ask(&client, &url, &chat(1, "q", json!({}))).await;
     assert_eq!(a.overlap, 0);
@@ -644,34 +651,7 @@ async fn an_engine_whose_events_never_arrive_is_reported() {
     let mut e = Engine::silent("20");
     e.start().await;
     let spec = format!("{},kv-events=tcp://127.0.0.1:{}", e.url(), free_port());
-    let mut child = kvrouter()
-        .args(["serve", "--http-host", "127.0.0.1", "--http-port", "0"])
-        .args([
-            "--router-mode",
-            "kv",
-            "--kv-cache-block-size",
-            "16",
-            "--engine",
-            &spec,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let url = banner_url(child.stdout.take().unwrap()).await;
-    let _router = Proc(child);
-    let log = tokio::task::spawn_blocking(move || {
-        let mut r = std::io::BufReader::new(stderr);
-        let mut line = String::new();
-        while r.read_line(&mut line).unwrap_or(0) > 0 {
-            if line.contains("no KV events from this engine") {
-                return line;
-            }
-            line.clear();
-        }
-        line
-    });
+    let (_router, url, log) = serve_watching(&spec, "no KV events from this engine").await;
     let client = reqwest::Client::new();
     for i in 0..20 {
         ask(&client, &url, &chat(i, "q", json!({}))).await;
