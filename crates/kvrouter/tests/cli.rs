@@ -136,7 +136,7 @@ async fn serve_answers_openai_requests() {
     let v: serde_json::Value = client
         .post(format!("{url}/v1/chat/completions"))
         .json(&serde_json::json!({
-            "model": "mock-model", "max_tokens": 3,
+            "model": "mock-model", "max_tokens": 3, "ignore_eos": true,
             "messages": [{"role": "user", "content": "hello"}],
         }))
         .send()

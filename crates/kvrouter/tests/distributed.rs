@@ -107,7 +107,7 @@ fn standalone_router_serves_generate_and_best_worker_id() {
     let tokens = prompt(640);
     let (code, lines) = f.call(
         "fleet.router.generate",
-        &json!({"model": "mock-model", "token_ids": tokens, "stop_conditions": {"max_tokens": 3}}),
+        &json!({"model": "mock-model", "token_ids": tokens, "stop_conditions": {"max_tokens": 3, "ignore_eos": true}}),
     );
     assert_eq!(code, 0, "{lines:?}");
     assert_eq!(lines.len(), 3, "{lines:?}");
@@ -224,8 +224,10 @@ fn frontend_routes_through_a_standalone_router() {
         let v: Value = loop {
             let r = client
                 .post(format!("{url}/v1/chat/completions"))
-                .json(&json!({"model": "mock-model", "max_tokens": 4,
-                              "messages": [{"role": "user", "content": long}]}))
+                .json(
+                    &json!({"model": "mock-model", "max_tokens": 4, "ignore_eos": true,
+                              "messages": [{"role": "user", "content": long}]}),
+                )
                 .send()
                 .await
                 .unwrap();
@@ -314,8 +316,7 @@ fn an_external_engine_joins_through_its_sidecar() {
         "ext",
     ]);
     let tokens = prompt(160);
-    let body =
-        json!({"model": "mock-model", "token_ids": tokens, "stop_conditions": {"max_tokens": 3}});
+    let body = json!({"model": "mock-model", "token_ids": tokens, "stop_conditions": {"max_tokens": 3, "ignore_eos": true}});
     // The sidecar registers once its engine answers.
     let deadline = Instant::now() + Duration::from_secs(30);
     let lines = loop {
