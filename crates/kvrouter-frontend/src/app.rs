@@ -111,6 +111,7 @@ impl Frontend {
         prefill: Option<(PrefillClient, bool)>,
     ) -> prometheus::Result<Arc<Self>> {
         let metrics = FrontendMetrics::new(&registry)?;
+        registry.register(Box::new(pre.prompt_cache_hits()))?;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();

@@ -21,6 +21,7 @@ pub(crate) mod passthrough;
 pub mod serve;
 pub mod standin;
 pub mod stop;
+pub(crate) mod token_cache;
 pub mod tokenizer;
 
 pub use app::{Backend, Endpoints, EngineFacade, Frontend, app};

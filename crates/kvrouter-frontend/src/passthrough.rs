@@ -21,6 +21,7 @@ use kvrouter_core::RouterConfigOverride;
 use kvrouter_engines::observe::Observation;
 use kvrouter_engines::upstream::ForwardRequest;
 use kvrouter_router::engines::{EnginePool, ForwardError};
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::app::{Frontend, Kind, Tracker, check_model, count_rejected, header_dp_rank};
@@ -40,13 +41,11 @@ fn path(kind: Kind) -> &'static str {
 /// The prompt's tokens as the engine will see them, or none when they cannot be known.
 fn tokens(s: &Frontend, kind: Kind, v: &Value) -> Vec<u32> {
     let found = match kind {
-        Kind::Chat => serde_json::from_value::<ChatRequest>(v.clone())
-            .ok()
-            .and_then(|req| {
-                let messages = openai::normalise_messages(&req.messages).ok()?;
-                let prompt = s.pre.render_chat(&messages, req.tools.as_ref()).ok()?;
-                s.pre.encode(&prompt).ok()
-            }),
+        Kind::Chat => ChatRequest::deserialize(v).ok().and_then(|req| {
+            let messages = openai::normalise_messages(&req.messages).ok()?;
+            let prompt = s.pre.render_chat(&messages, req.tools.as_ref()).ok()?;
+            s.pre.encode(&prompt).ok()
+        }),
         Kind::Completion => match v.get("prompt") {
             Some(Value::String(t)) => s.pre.encode(t).ok(),
             Some(Value::Array(a)) if a.iter().all(Value::is_u64) => Some(

@@ -14,10 +14,14 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::token_cache::TokenCache;
+
 const BUILTIN_TOKENIZER: &[u8] = include_bytes!("../assets/tokenizer.json");
 const BUILTIN_CONFIG: &str = include_str!("../assets/tokenizer_config.json");
 /// Context length when the model declares none.
 pub const DEFAULT_CONTEXT_LENGTH: u32 = 32_768;
+/// The chat template's name in its environment.
+const TEMPLATE: &str = "chat";
 
 /// Why a tokenizer or template could not be loaded or applied.
 #[derive(Debug, thiserror::Error)]
@@ -63,10 +67,32 @@ fn token_text(v: &Option<Value>) -> Option<String> {
     }
 }
 
+/// An environment holding `source` as [`TEMPLATE`], with what Hugging Face
+/// templates expect of Jinja (Python string methods, `raise_exception`).
+fn chat_environment(source: String) -> Result<minijinja::Environment<'static>, PreprocessError> {
+    let mut env = minijinja::Environment::new();
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
+    env.add_template_owned(TEMPLATE, source)
+        .map_err(|e| PreprocessError::Template(e.to_string()))?;
+    Ok(env)
+}
+
 /// A model's tokenizer and chat template.
 pub struct Preprocessor {
     tokenizer: tokenizers::Tokenizer,
-    template: Option<String>,
+    /// Encoded pieces of recurring text (system prompts, earlier turns).
+    cache: TokenCache,
+    /// The chat template, compiled once, as [`TEMPLATE`] in its environment.
+    template: Option<minijinja::Environment<'static>>,
     bos: Option<String>,
     eos: Option<String>,
     eos_token_ids: Vec<u32>,
@@ -146,12 +172,8 @@ impl Preprocessor {
                 _ => None,
             },
         };
-        if let Some(t) = &template {
-            // Compile once now so a broken template fails at start-up, not per request.
-            let env = minijinja::Environment::new();
-            env.template_from_str(t)
-                .map_err(|e| PreprocessError::Template(e.to_string()))?;
-        }
+        // Compiled once, so a broken template fails at start-up, not per request.
+        let template = template.map(chat_environment).transpose()?;
         let bos = token_text(&config.bos_token);
         let eos = token_text(&config.eos_token);
         let eos_token_ids = eos
@@ -177,6 +199,7 @@ impl Preprocessor {
             .filter(|v| v.is_finite() && *v >= 1.0 && *v < 1e9)
             .map_or(DEFAULT_CONTEXT_LENGTH, |v| v as u32);
         Ok(Self {
+            cache: TokenCache::new(&tokenizer),
             tokenizer,
             template,
             bos,
@@ -185,6 +208,11 @@ impl Preprocessor {
             context_length,
             ordinary,
         })
+    }
+
+    /// `kvrouter_frontend_prompt_cache_hits_total`, for the frontend's registry.
+    pub fn prompt_cache_hits(&self) -> prometheus::IntCounter {
+        self.cache.hits().clone()
     }
 
     /// The model's context length in tokens.
@@ -204,10 +232,8 @@ impl Preprocessor {
 
     /// Tokens of `text` (special tokens in the text are recognised).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, PreprocessError> {
-        // `encode_fast` skips the character offsets, which routing never reads.
-        self.tokenizer
-            .encode_fast(text, false)
-            .map(|e| e.get_ids().to_vec())
+        self.cache
+            .encode(&self.tokenizer, text)
             .map_err(|e| PreprocessError::Tokenizer(e.to_string()))
     }
 
@@ -228,20 +254,8 @@ impl Preprocessor {
             }
             return Ok(out);
         };
-        let mut env = minijinja::Environment::new();
-        // Hugging Face templates call Python string methods (`.strip()`, `.startswith()`).
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
-            },
-        );
-        let t = env
-            .template_from_str(template)
+        let t = template
+            .get_template(TEMPLATE)
             .map_err(|e| PreprocessError::Template(e.to_string()))?;
         let ctx = minijinja::context! {
             messages => messages,

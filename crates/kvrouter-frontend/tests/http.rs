@@ -641,6 +641,18 @@ async fn metrics_use_reference_names() {
         .await;
     assert_eq!(status, 200);
     let text = s.get("/metrics").await.1;
+    let cache_hits = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("kvrouter_frontend_prompt_cache_hits_total "))
+            .map(|v| v.parse::<u64>().unwrap())
+    };
+    let before = cache_hits(&text).expect("prompt cache counter");
+    // The same prompt again: its text is tokenized from the cache.
+    let (status, _) = s
+        .post("/v1/chat/completions", chat(&shared_prefix_prompt(0), 3))
+        .await;
+    assert_eq!(status, 200);
+    assert!(cache_hits(&s.get("/metrics").await.1).unwrap() > before);
     for name in [
         "dynamo_frontend_requests_total",
         "dynamo_frontend_time_to_first_token_seconds_bucket",
