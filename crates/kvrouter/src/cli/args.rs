@@ -137,13 +137,13 @@ pub struct RuntimeArgs {
     /// Event transport.
     #[arg(long, value_enum, default_value_t = EventPlane::Nats, help_heading = "Runtime")]
     pub event_plane: EventPlane,
-    /// KV transfer connectors (comma-separated).
+    /// KV transfer connectors: not implemented, only `none` / `null` accepted.
     #[arg(long, value_enum, value_delimiter = ',', num_args = 1.., help_heading = "Runtime")]
     pub connector: Vec<Connector>,
-    /// Tool-call parser for generated text.
+    /// Tool-call parser: not implemented, refused (the engine parses).
     #[arg(long, value_enum, help_heading = "Runtime")]
     pub dyn_tool_call_parser: Option<ToolCallParser>,
-    /// Reasoning parser for generated text.
+    /// Reasoning parser: not implemented, refused (the engine parses).
     #[arg(long, value_enum, help_heading = "Runtime")]
     pub dyn_reasoning_parser: Option<ReasoningParser>,
     /// Jinja chat template replacing the model's.
@@ -323,7 +323,7 @@ pub struct RoutingArgs {
     /// KV block size in tokens [default: the workers' own].
     #[arg(long, help_heading = "Routing")]
     pub kv_cache_block_size: Option<u32>,
-    /// Times a failed stream may move to another worker.
+    /// Times a failed stream may move to another worker: not implemented, only 0.
     #[arg(long, default_value_t = 0, help_heading = "Routing")]
     pub migration_limit: u32,
     /// Refuse aggregated serving when a prefill pool exists but is down.

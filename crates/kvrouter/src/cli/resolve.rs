@@ -161,7 +161,49 @@ pub fn valid_endpoint(s: &str) -> bool {
         })
 }
 
+/// Reference flags kvrouter parses so that a Dynamo deployment script gets a
+/// reason instead of "unexpected argument", but does not implement: any value
+/// that would ask for the missing behaviour is refused (issue 15).
+fn unimplemented_problems(sub: &str, r: &RuntimeArgs, out: &mut Vec<Problem>) {
+    use super::args::Connector;
+    if r.connector
+        .iter()
+        .any(|c| !matches!(c, Connector::None | Connector::Null))
+    {
+        out.push(Problem {
+            flags: vec![flag(sub, "connector")],
+            message: "KV transfer connectors are not implemented: kvrouter's mock workers \
+                      transfer no KV; configure a real engine's connector on the engine \
+                      (only `none` or `null` is accepted here)"
+                .into(),
+        });
+    }
+    for (id, what, set) in [
+        (
+            "dyn_tool_call_parser",
+            "tool-call",
+            r.dyn_tool_call_parser.is_some(),
+        ),
+        (
+            "dyn_reasoning_parser",
+            "reasoning",
+            r.dyn_reasoning_parser.is_some(),
+        ),
+    ] {
+        if set {
+            out.push(Problem {
+                flags: vec![flag(sub, id)],
+                message: format!(
+                    "{what} parsing is not implemented: with --engine, the engine's own \
+                     parser applies (start vLLM or SGLang with theirs); leave this flag out"
+                ),
+            });
+        }
+    }
+}
+
 fn runtime_problems(sub: &str, r: &RuntimeArgs, out: &mut Vec<Problem>) {
+    unimplemented_problems(sub, r, out);
     must_exist(
         sub,
         "custom_jinja_template",
@@ -577,6 +619,16 @@ fn frontend_settings(
     runtime_problems(sub, &a.runtime, p);
     engine_set_problems(sub, a, explicit, p);
     must_exist(sub, "model_path", a.model.model_path.as_deref(), p);
+    if a.routing.migration_limit > 0 {
+        p.push(Problem {
+            flags: vec![flag(sub, "migration_limit")],
+            message: format!(
+                "request migration is not implemented (got {}): a stream whose worker \
+                 fails ends with an error the client sees; set 0 or leave it out",
+                a.routing.migration_limit
+            ),
+        });
+    }
     if let Some(bs) = a.routing.kv_cache_block_size
         && bs < 2
     {
