@@ -1,0 +1,298 @@
+//! From an OpenAI request to a routed job: the two endpoints' handlers, model
+//! and header checks, templating and tokenizing into a preprocessed request,
+//! and the tracker that counts every request in the frontend's metrics once.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::Response;
+use kvrouter_core::llm::{PreprocessedRequest, RoutingHints, SamplingOptions, StopConditions};
+use serde_json::json;
+
+use crate::error::ApiError;
+use crate::openai::{self, ChatRequest, Common, CompletionRequest, Prompt};
+
+use super::respond::respond;
+use super::{Backend, Frontend};
+
+/// What both endpoints produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Chat,
+    Completion,
+}
+
+impl Kind {
+    pub(crate) fn endpoint(self) -> &'static str {
+        match self {
+            Kind::Chat => "chat_completions",
+            Kind::Completion => "completions",
+        }
+    }
+}
+
+/// A validated request, tokenized.
+pub(super) struct Job {
+    pub(super) kind: Kind,
+    pub(super) stream: bool,
+    pub(super) return_token_ids: bool,
+    pub(super) include_usage: bool,
+    pub(super) stops: Vec<String>,
+    pub(super) request: PreprocessedRequest,
+}
+
+/// vLLM's header pinning a data-parallel rank.
+const DP_RANK_HEADER: &str = "x-data-parallel-rank";
+
+pub(crate) fn header_dp_rank(headers: &HeaderMap) -> Result<Option<u32>, ApiError> {
+    let Some(v) = headers.get(DP_RANK_HEADER) else {
+        return Ok(None);
+    };
+    v.to_str()
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                format!("the {DP_RANK_HEADER} header must be a rank number"),
+                None,
+            )
+        })
+}
+
+pub(super) async fn chat(
+    State(s): State<Arc<Frontend>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Backend::Engines(e) = &s.backend {
+        let e = e.clone();
+        return crate::passthrough::forward(s, &e, Kind::Chat, headers, body).await;
+    }
+    let started = Instant::now();
+    let job = (|| {
+        let dp_rank = header_dp_rank(&headers)?;
+        let req: ChatRequest = openai::parse(&body)?;
+        let max_tokens = req.max_completion_tokens.or(req.common.max_tokens);
+        openai::validate(&req.common, max_tokens)?;
+        check_model(&s, &req.common.model)?;
+        let messages = openai::normalise_messages(&req.messages)?;
+        let t = Instant::now();
+        let prompt = s
+            .pre
+            .render_chat(&messages, req.tools.as_ref())
+            .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+        let tokens = s
+            .pre
+            .encode(&prompt)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        s.metrics.preprocessing.observe(t.elapsed().as_secs_f64());
+        job(&s, Kind::Chat, &req.common, max_tokens, tokens, dp_rank)
+    })();
+    respond(s, Kind::Chat, job, started).await
+}
+
+pub(super) async fn completions(
+    State(s): State<Arc<Frontend>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Backend::Engines(e) = &s.backend {
+        let e = e.clone();
+        return crate::passthrough::forward(s, &e, Kind::Completion, headers, body).await;
+    }
+    let started = Instant::now();
+    let job = (|| {
+        let dp_rank = header_dp_rank(&headers)?;
+        let req: CompletionRequest = openai::parse(&body)?;
+        openai::validate(&req.common, req.common.max_tokens)?;
+        check_model(&s, &req.common.model)?;
+        let t = Instant::now();
+        let one = |n: usize| {
+            if n == 1 {
+                Ok(())
+            } else {
+                Err(ApiError::invalid(
+                    format!("`prompt` holds {n} prompts; one per request is supported"),
+                    Some("prompt"),
+                ))
+            }
+        };
+        let tokens = match req.prompt {
+            Prompt::Text(t) => s.pre.encode(&t),
+            Prompt::Texts(v) => {
+                one(v.len())?;
+                s.pre.encode(&v[0])
+            }
+            Prompt::Tokens(t) => Ok(t),
+            Prompt::TokenLists(v) => {
+                one(v.len())?;
+                Ok(v.into_iter().next().unwrap_or_default())
+            }
+        }
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+        s.metrics.preprocessing.observe(t.elapsed().as_secs_f64());
+        // OpenAI's legacy default.
+        let max_tokens = req.common.max_tokens.or(Some(16));
+        job(
+            &s,
+            Kind::Completion,
+            &req.common,
+            max_tokens,
+            tokens,
+            dp_rank,
+        )
+    })();
+    respond(s, Kind::Completion, job, started).await
+}
+
+pub(crate) fn check_model(s: &Frontend, model: &str) -> Result<(), ApiError> {
+    if model == s.model {
+        Ok(())
+    } else {
+        Err(ApiError::unknown_model(model))
+    }
+}
+
+pub(super) fn job(
+    s: &Frontend,
+    kind: Kind,
+    c: &Common,
+    max_tokens: Option<u32>,
+    tokens: Vec<u32>,
+    dp_rank: Option<u32>,
+) -> Result<Job, ApiError> {
+    if tokens.is_empty() {
+        return Err(ApiError::invalid("the prompt is empty", Some("prompt")));
+    }
+    let context = s.pre.context_length();
+    if tokens.len() >= context as usize
+        || max_tokens.is_some_and(|m| tokens.len() + m as usize > context as usize)
+    {
+        return Err(ApiError::context_exceeded(
+            context,
+            tokens.len(),
+            max_tokens,
+        ));
+    }
+    let nvext = c.nvext.clone().unwrap_or_default();
+    let extra_args = nvext
+        .agent_hints
+        .as_ref()
+        .map(|h| json!({"agent_hints": h}));
+    Ok(Job {
+        kind,
+        stream: c.stream.unwrap_or(false),
+        return_token_ids: c.return_token_ids.unwrap_or(false),
+        include_usage: c.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        stops: c.stop_strings(),
+        request: PreprocessedRequest {
+            model: s.model.clone(),
+            token_ids: tokens,
+            stop_conditions: StopConditions {
+                max_tokens,
+                stop: None,
+                min_tokens: c.min_tokens,
+                ignore_eos: c.ignore_eos.or(nvext.ignore_eos),
+            },
+            sampling_options: SamplingOptions {
+                temperature: c.temperature,
+                top_p: c.top_p,
+                seed: c.seed,
+            },
+            eos_token_ids: s.pre.eos_token_ids().to_vec(),
+            routing: (nvext.backend_instance_id.is_some() || dp_rank.is_some()).then_some(
+                RoutingHints {
+                    dp_rank,
+                    backend_instance_id: nvext.backend_instance_id,
+                },
+            ),
+            router_config_override: nvext.router_config_override,
+            extra_args,
+            ..Default::default()
+        },
+    })
+}
+
+/// Per-request metrics, settled when dropped (also on disconnect).
+pub(crate) struct Tracker {
+    s: Arc<Frontend>,
+    kind: Kind,
+    stream: bool,
+    started: Instant,
+    last: Option<Instant>,
+    pub(super) tokens: u32,
+    pub(crate) ok: bool,
+}
+
+impl Tracker {
+    pub(crate) fn new(s: Arc<Frontend>, kind: Kind, stream: bool, started: Instant) -> Self {
+        let model = [s.model.as_str()];
+        s.metrics.inflight.with_label_values(&model).inc();
+        s.metrics.queued.with_label_values(&model).inc();
+        Self {
+            s,
+            kind,
+            stream,
+            started,
+            last: None,
+            tokens: 0,
+            ok: false,
+        }
+    }
+
+    pub(crate) fn tokens(&mut self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let m = &self.s.metrics;
+        let model = [self.s.model.as_str()];
+        match self.last {
+            None => {
+                m.queued.with_label_values(&model).dec();
+                m.ttft
+                    .with_label_values(&model)
+                    .observe((now - self.started).as_secs_f64());
+            }
+            Some(prev) => m
+                .itl
+                .with_label_values(&model)
+                .observe((now - prev).as_secs_f64() / n as f64),
+        }
+        self.last = Some(now);
+        self.tokens += n as u32;
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        let m = &self.s.metrics;
+        let model = [self.s.model.as_str()];
+        m.inflight.with_label_values(&model).dec();
+        if self.last.is_none() {
+            m.queued.with_label_values(&model).dec();
+        }
+        m.duration
+            .with_label_values(&model)
+            .observe(self.started.elapsed().as_secs_f64());
+        m.osl
+            .with_label_values(&model)
+            .observe(f64::from(self.tokens));
+        let status = if self.ok { "success" } else { "error" };
+        let rtype = if self.stream { "stream" } else { "unary" };
+        m.requests
+            .with_label_values(&[&self.s.model, self.kind.endpoint(), rtype, status])
+            .inc();
+    }
+}
+
+pub(crate) fn count_rejected(s: &Frontend, kind: Kind) {
+    s.metrics
+        .requests
+        .with_label_values(&[&s.model, kind.endpoint(), "unary", "rejected"])
+        .inc();
+}
