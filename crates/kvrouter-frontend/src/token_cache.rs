@@ -1,6 +1,6 @@
 //! Tokenizing repeated text once. A prompt is cut where the tokenizer itself
 //! cuts it — at its added tokens, which is where a chat template's role
-//! markers sit — and every piece long enough to matter is looked up by content
+//! markers sit — and every piece is looked up by content
 //! in a bounded cache before it is encoded. System prompts and the earlier
 //! turns of a conversation, the text a KV router sees again and again, are
 //! then encoded once instead of on every request.
@@ -18,12 +18,13 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use aho_corasick::{AhoCorasick, MatchKind};
 use tokenizers::{
     NormalizerWrapper, OffsetReferential, OffsetType, PreTokenizerWrapper, Tokenizer,
 };
 
-/// Pieces shorter than this (bytes) are encoded directly: a lookup costs about as much.
-const MIN_PIECE: usize = 64;
+/// Texts shorter than this (bytes) are encoded whole: cutting saves nothing.
+const SHORT_TEXT: usize = 128;
 /// Encodings checked against a plain encoding before sampling starts.
 const CHECK_FIRST: u64 = 16;
 /// After the first checks, one encoding served from cache in this many is checked.
@@ -44,6 +45,9 @@ impl quick_cache::Weighter<u128, Arc<[u32]>> for ByTokens {
 /// Encoded pieces by content (see the module docs).
 pub(crate) struct TokenCache {
     pieces: quick_cache::sync::Cache<u128, Arc<[u32]>, ByTokens>,
+    /// The added tokens and their ids, when the tokenizer finds them by a plain
+    /// leftmost-longest search of the raw text (see [`direct_split`]).
+    added: Option<(AhoCorasick, Vec<u32>)>,
     on: AtomicBool,
     served: AtomicU64,
     /// `kvrouter_frontend_prompt_cache_hits_total`: pieces served from the cache.
@@ -77,6 +81,37 @@ pub(crate) fn piecewise_exact(tok: &Tokenizer) -> bool {
         && tok.get_padding().is_none()
 }
 
+/// A searcher that cuts text at added tokens exactly as `tok` does, when that
+/// is a plain leftmost-longest search of the raw text: no normalizer, and no
+/// added token that is normalized, strips spaces or must be a single word.
+/// It spares the tokenizer's own split, which maps every byte of the prompt.
+fn direct_split(tok: &Tokenizer) -> Option<(AhoCorasick, Vec<u32>)> {
+    let added = tok.get_added_tokens_decoder();
+    let plain_search = tok.get_normalizer().is_none()
+        && !tok.get_encode_special_tokens()
+        && added
+            .values()
+            .all(|t| !t.normalized && !t.lstrip && !t.rstrip && !t.single_word);
+    if !plain_search || added.is_empty() {
+        return None;
+    }
+    let (ids, contents): (Vec<u32>, Vec<&str>) = added
+        .iter()
+        .map(|(id, t)| (*id, t.content.as_str()))
+        .unzip();
+    let searcher = AhoCorasick::builder()
+        .match_kind(MatchKind::LeftmostLongest)
+        .build(contents)
+        .ok()?;
+    Some((searcher, ids))
+}
+
+/// A piece of a prompt: an added token, or the text between two of them.
+enum Piece<'a> {
+    Added(u32),
+    Text(&'a str),
+}
+
 fn plain(tok: &Tokenizer, text: &str) -> tokenizers::Result<Vec<u32>> {
     // `encode_fast` skips the character offsets, which routing never reads.
     Ok(tok.encode_fast(text, false)?.get_ids().to_vec())
@@ -93,6 +128,7 @@ impl TokenCache {
         }
         Self {
             pieces: quick_cache::sync::Cache::with_weighter(16_384, CAPACITY_TOKENS, ByTokens),
+            added: direct_split(tok),
             on: AtomicBool::new(on),
             served: AtomicU64::new(0),
             hits: prometheus::IntCounter::new(
@@ -115,28 +151,47 @@ impl TokenCache {
 
     /// The tokens of `text`, as `tok.encode_fast(text, false)` gives them.
     pub(crate) fn encode(&self, tok: &Tokenizer, text: &str) -> tokenizers::Result<Vec<u32>> {
-        if !self.is_on() || text.len() < 2 * MIN_PIECE {
+        if !self.is_on() || text.len() < SHORT_TEXT {
             return plain(tok, text);
         }
-        let split = tok
-            .get_added_vocabulary()
-            .extract_and_normalize(tok.get_normalizer(), text);
         let mut ids = Vec::with_capacity(text.len() / 3);
         let mut hits = 0;
-        for (piece, _, added) in split.get_splits(OffsetReferential::Normalized, OffsetType::None) {
-            if let Some(added) = added {
-                ids.extend(added.iter().map(|t| t.id));
-            } else if piece.len() < MIN_PIECE {
-                ids.extend(plain(tok, piece)?);
-            } else {
-                let key = xxhash_rust::xxh3::xxh3_128(piece.as_bytes());
-                if let Some(found) = self.pieces.get(&key) {
-                    hits += 1;
-                    ids.extend_from_slice(&found);
-                } else {
-                    let fresh: Arc<[u32]> = plain(tok, piece)?.into();
-                    ids.extend_from_slice(&fresh);
-                    self.pieces.insert(key, fresh);
+        let mut take = |piece: Piece<'_>| -> tokenizers::Result<()> {
+            match piece {
+                Piece::Added(id) => ids.push(id),
+                Piece::Text("") => {}
+                Piece::Text(t) => {
+                    let key = xxhash_rust::xxh3::xxh3_128(t.as_bytes());
+                    if let Some(found) = self.pieces.get(&key) {
+                        hits += 1;
+                        ids.extend_from_slice(&found);
+                    } else {
+                        let fresh: Arc<[u32]> = plain(tok, t)?.into();
+                        ids.extend_from_slice(&fresh);
+                        self.pieces.insert(key, fresh);
+                    }
+                }
+            }
+            Ok(())
+        };
+        if let Some((searcher, added)) = &self.added {
+            let mut at = 0;
+            for m in searcher.find_iter(text) {
+                take(Piece::Text(&text[at..m.start()]))?;
+                take(Piece::Added(added[m.pattern().as_usize()]))?;
+                at = m.end();
+            }
+            take(Piece::Text(&text[at..]))?;
+        } else {
+            let split = tok
+                .get_added_vocabulary()
+                .extract_and_normalize(tok.get_normalizer(), text);
+            for (piece, _, added) in
+                split.get_splits(OffsetReferential::Normalized, OffsetType::None)
+            {
+                match added {
+                    Some(tokens) => tokens.iter().try_for_each(|t| take(Piece::Added(t.id)))?,
+                    None => take(Piece::Text(piece))?,
                 }
             }
         }
@@ -208,12 +263,23 @@ mod tests {
 
     #[test]
     fn cached_encodings_equal_the_tokenizers_own() {
-        let tok = builtin();
+        // The direct cut at added tokens, and the tokenizer's own (NFC normalizer).
+        let mut nfc = builtin();
+        nfc.with_normalizer(Some(NormalizerWrapper::NFC(tokenizers::normalizers::NFC)))
+            .unwrap();
+        for (tok, direct) in [(builtin(), true), (nfc, false)] {
+            encodings_match(&tok, direct);
+        }
+    }
+
+    fn encodings_match(tok: &Tokenizer, direct: bool) {
+        let tok = tok.clone();
         let cache = TokenCache::new(&tok);
         assert!(cache.is_on());
+        assert_eq!(cache.added.is_some(), direct);
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let shared: Vec<String> = (0..5).map(|_| text(&mut rng, 120)).collect();
-        for i in 0..300 {
+        for i in 0..150 {
             let system = &shared[i % shared.len()];
             let prompt = format!(
                 "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
