@@ -102,7 +102,8 @@ pub struct WorkerPool {
     node: Node,
     endpoint: EndpointId,
     router: Arc<KvRouter>,
-    instances: RwLock<BTreeMap<InstanceId, Instance>>,
+    /// Live instances with their metadata, parsed once when they appear.
+    instances: RwLock<BTreeMap<InstanceId, (Instance, WorkerMetadata)>>,
     count: watch::Sender<usize>,
     cancel: CancellationToken,
 }
@@ -242,7 +243,7 @@ impl WorkerPool {
                         }
                         self.router.add_worker(instance.id, &meta);
                         tracing::info!(worker = instance.id, address = %instance.address, "worker added");
-                        self.instances.write().insert(instance.id, instance);
+                        self.instances.write().insert(instance.id, (instance, meta));
                     }
                     Err(e) => tracing::warn!(
                         worker = instance.id,
@@ -252,7 +253,7 @@ impl WorkerPool {
                 }
             }
             DiscoveryEvent::Removed(id) => {
-                if let Some(i) = self.instances.write().remove(&id) {
+                if let Some((i, _)) = self.instances.write().remove(&id) {
                     self.node.forget(&i.address);
                 }
                 self.router.remove_worker(id);
@@ -278,14 +279,27 @@ impl WorkerPool {
         self.instances
             .read()
             .get(&id)
-            .and_then(|i| i.metadata.get("engine_url"))
+            .and_then(|(i, _)| i.metadata.get("engine_url"))
             .and_then(|u| u.as_str())
             .map(str::to_string)
     }
 
     /// The live instances.
     pub fn instances(&self) -> Vec<Instance> {
-        self.instances.read().values().cloned().collect()
+        self.instances
+            .read()
+            .values()
+            .map(|(i, _)| i.clone())
+            .collect()
+    }
+
+    /// What the live workers declared (parsed when each appeared).
+    pub fn worker_metadata(&self) -> Vec<WorkerMetadata> {
+        self.instances
+            .read()
+            .values()
+            .map(|(_, m)| m.clone())
+            .collect()
     }
 
     /// Waits until at least `n` workers are known, or `timeout` passes.
@@ -326,7 +340,7 @@ impl WorkerPool {
                 .instances
                 .read()
                 .get(&worker_id)
-                .map(|i| i.address.clone());
+                .map(|(i, _)| i.address.clone());
             let Some(address) = address else {
                 exclude.push(worker_id);
                 continue;

@@ -79,11 +79,7 @@ pub(super) async fn models(State(s): State<Arc<Frontend>>) -> impl IntoResponse 
 pub(super) async fn metrics(State(s): State<Arc<Frontend>>) -> Response {
     // Model gauges are computed from what the workers declared, at scrape time.
     let metas: Vec<WorkerMetadata> = match &s.backend {
-        Backend::Workers(pool) => pool
-            .instances()
-            .iter()
-            .filter_map(|i| serde_json::from_value(i.metadata.clone()).ok())
-            .collect(),
+        Backend::Workers(pool) => pool.worker_metadata(),
         Backend::Engines(_) => Vec::new(),
     };
     let m = &s.metrics;
