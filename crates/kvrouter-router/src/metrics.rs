@@ -6,6 +6,18 @@
 
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry};
 
+/// The content type of Prometheus text exposition (format 0.0.4).
+pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Everything in `registry` as Prometheus text: the one encoder every
+/// `/metrics` endpoint of kvrouter uses.
+pub fn prometheus_text(registry: &Registry) -> prometheus::Result<Vec<u8>> {
+    use prometheus::Encoder;
+    let mut buf = Vec::new();
+    prometheus::TextEncoder::new().encode(&registry.gather(), &mut buf)?;
+    Ok(buf)
+}
+
 /// Buckets for per-request routing overhead, in ms (1 µs … 100 ms).
 const OVERHEAD_MS: &[f64] = &[
     0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.5, 1.0, 2.0,

@@ -497,10 +497,17 @@ async fn system_metrics(registry: prometheus::Registry) -> anyhow::Result<()> {
         axum::routing::get(move || {
             let registry = registry.clone();
             async move {
-                use prometheus::Encoder;
-                let mut buf = Vec::new();
-                let _ = prometheus::TextEncoder::new().encode(&registry.gather(), &mut buf);
-                buf
+                use kvrouter_router::metrics::{PROMETHEUS_CONTENT_TYPE, prometheus_text};
+                match prometheus_text(&registry) {
+                    Ok(text) => Ok((
+                        [(axum::http::header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)],
+                        text,
+                    )),
+                    Err(e) => Err((
+                        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("metrics encoding: {e}"),
+                    )),
+                }
             }
         }),
     );

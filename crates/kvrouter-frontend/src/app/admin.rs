@@ -9,8 +9,8 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use kvrouter_core::busy::LoadThresholds;
+use kvrouter_router::metrics::{PROMETHEUS_CONTENT_TYPE, prometheus_text};
 use kvrouter_runtime::endpoint::WorkerMetadata;
-use prometheus::{Encoder, TextEncoder};
 use serde_json::{Value, json};
 
 use crate::error::ApiError;
@@ -104,19 +104,16 @@ pub(super) async fn metrics(State(s): State<Arc<Frontend>>) -> Response {
             .with_label_values(&model)
             .set(i64::from(w.block_size));
     }
-    let mut buf = Vec::new();
-    if let Err(e) = TextEncoder::new().encode(&s.registry.gather(), &mut buf) {
-        return ApiError::internal(format!("metrics encoding: {e}")).into_response();
-    }
+    let mut buf = match prometheus_text(&s.registry) {
+        Ok(b) => b,
+        Err(e) => return ApiError::internal(format!("metrics encoding: {e}")).into_response(),
+    };
     let facade = s.facade.read().clone();
     if let Some(f) = facade {
         buf.extend_from_slice((f.metrics)().as_bytes());
     }
     (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(axum::http::header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)],
         buf,
     )
         .into_response()
