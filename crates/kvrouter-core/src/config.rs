@@ -44,6 +44,8 @@ pub struct KvRouterConfig {
     pub router_prune_target_ratio: f64,
     /// Defer routing while every worker is busier than this × max_num_batched_tokens (≥ 0).
     pub router_queue_threshold: Option<f64>,
+    /// Release order of the router queue.
+    pub router_queue_policy: crate::queue::QueuePolicy,
     /// Threads applying KV events (≥ 1; > 1 needs `use_kv_events`).
     pub router_event_threads: u32,
 }
@@ -65,6 +67,7 @@ impl Default for KvRouterConfig {
             router_max_tree_size: 1 << 20,
             router_prune_target_ratio: 0.8,
             router_queue_threshold: None,
+            router_queue_policy: crate::queue::QueuePolicy::Fcfs,
             router_event_threads: 1,
         }
     }

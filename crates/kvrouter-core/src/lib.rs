@@ -20,6 +20,9 @@
 //! - [`config`]: `KvRouterConfig`, its validation, per-request overrides.
 //! - [`sequences`]: active sequences per worker rank (prefill and decode load).
 //! - [`selection`]: the cost function, softmax sampling, tie-breaking, router modes.
+//! - [`schedule`]: the scheduling pipeline (hash → lookup → select → commit)
+//!   shared by the live router and the simulator.
+//! - [`queue`]: the router queue's saturation test and release order.
 //! - [`busy`]: busy thresholds and overload detection.
 //! - [`llm`]: the tokenized request and engine output exchanged with workers.
 //! - [`error`]: the typed error that crosses process and engine boundaries.
@@ -34,6 +37,8 @@ pub mod hash;
 pub mod index;
 pub mod llm;
 pub mod protocols;
+pub mod queue;
+pub mod schedule;
 pub mod selection;
 pub mod sequences;
 

@@ -110,6 +110,16 @@ impl PreprocessedRequest {
             .or(self.dp_rank)
     }
 
+    /// How much earlier the router queue should rank it
+    /// (`agent_hints.latency_sensitivity`, seconds).
+    pub fn priority_jump(&self) -> std::time::Duration {
+        let hint = self
+            .extra_args
+            .as_ref()
+            .and_then(|v| v.pointer("/agent_hints/latency_sensitivity"));
+        crate::queue::priority_jump(hint)
+    }
+
     /// Expected output length from the agent hints (`extra_args.osl`), if given.
     pub fn expected_output_tokens(&self) -> Option<u32> {
         let v = self.extra_args.as_ref()?;

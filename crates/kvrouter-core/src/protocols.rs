@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::hash::{BlockExtraInfo, ExternalSequenceBlockHash, LocalBlockHash};
+use crate::hash::{BlockExtraInfo, ExternalSequenceBlockHash, LocalBlockHash, SequenceHash};
 
 /// An engine instance, as registered in discovery.
 pub type WorkerId = u64;
@@ -112,6 +112,26 @@ pub struct KvCacheStoreData {
     pub parent_hash: Option<ExternalSequenceBlockHash>,
     /// The chain, root-most first.
     pub blocks: Vec<KvCacheStoredBlockData>,
+}
+
+impl KvCacheStoreData {
+    /// A chain stored at the root whose engine hashes are the router's own
+    /// sequence hashes (`seq[i]` of `local[..=i]`): what the router writes
+    /// for blocks it predicts or replays itself.
+    pub fn root_chain(local: &[LocalBlockHash], seq: &[SequenceHash]) -> Self {
+        Self {
+            parent_hash: None,
+            blocks: local
+                .iter()
+                .zip(seq)
+                .map(|(l, s)| KvCacheStoredBlockData {
+                    block_hash: ExternalSequenceBlockHash(s.0),
+                    tokens_hash: *l,
+                    mm_extra_info: None,
+                })
+                .collect(),
+        }
+    }
 }
 
 /// One stored block.

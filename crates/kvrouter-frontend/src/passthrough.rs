@@ -18,6 +18,7 @@ use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use kvrouter_core::RouterConfigOverride;
+use kvrouter_core::queue::priority_jump;
 use kvrouter_engines::observe::Observation;
 use kvrouter_engines::upstream::ForwardRequest;
 use kvrouter_router::engines::{EnginePool, ForwardError};
@@ -119,8 +120,9 @@ pub(crate) async fn forward(
         headers: pass,
         dp_rank: None,
     };
+    let jump = priority_jump(v.pointer("/nvext/agent_hints/latency_sensitivity"));
     let mut routed = match engines
-        .forward(&prompt, config_override.as_ref(), &id, dp_rank, req)
+        .forward(&prompt, config_override.as_ref(), &id, dp_rank, jump, req)
         .await
     {
         Ok(p) => p,

@@ -18,20 +18,23 @@
 //! router (it has no latencies).
 
 use std::cmp::Ordering;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashSet};
 use std::fmt;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use indicatif::ProgressBar;
-use kvrouter_core::KvRouterConfig;
 use kvrouter_core::hash::{LocalBlockHash, SequenceHash};
-use kvrouter_core::index::{ApproxIndex, RadixIndex};
+use kvrouter_core::index::{ApproxIndex, KvIndex, RadixIndex};
 use kvrouter_core::protocols::{RouterEvent, WorkerKey};
-use kvrouter_core::selection::{Candidate, RouteRequest, choice_name, parse_choice, select_kv};
-use kvrouter_core::sequences::{NewRequest, SequenceTracker, tracking_hashes};
+use kvrouter_core::queue::{RouterQueue, all_saturated};
+use kvrouter_core::schedule::{Pipeline, RankFilter};
+use kvrouter_core::selection::{choice_name, parse_choice};
+use kvrouter_core::sequences::SequenceTracker;
+use kvrouter_core::{KvRouterConfig, RouterMode};
+use parking_lot::Mutex;
+use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand::{RngExt, SeedableRng};
 
 use crate::blocks::{BlockManager, FullBlock};
 use crate::engine::{Engine, EngineConfig, EngineRequest};
@@ -151,13 +154,6 @@ enum Ev {
     StepDone(usize),
 }
 
-/// Router state of the KV modes.
-enum Router {
-    Plain { next: usize },
-    Kv { index: RadixIndex },
-    Approx { index: ApproxIndex },
-}
-
 /// Runs one mode over the prepared requests.
 pub fn run(
     mode: SimMode,
@@ -180,15 +176,19 @@ pub fn run(
         })
         .collect();
     let mut busy = vec![false; slots];
-    let mut router = match mode {
-        SimMode::Kv => Router::Kv {
-            index: RadixIndex::new(),
-        },
-        SimMode::KvApprox => Router::Approx {
-            index: ApproxIndex::new(cfg.router.prune_config()),
-        },
-        _ => Router::Plain { next: 0 },
+    // The live router's pipeline and index forms; `None` for the load-blind modes.
+    let pipeline = Pipeline::new(bs, cfg.router.clone());
+    let index: Option<Box<dyn KvIndex>> = match mode {
+        SimMode::Kv => Some(Box::new(Mutex::new(RadixIndex::new()))),
+        SimMode::KvApprox => Some(Box::new(Mutex::new(ApproxIndex::new(
+            cfg.router.prune_config(),
+        )))),
+        _ => None,
     };
+    let params = pipeline.params(None);
+    let no_busy = HashSet::new();
+    let all_ranks: Vec<WorkerKey> = (0..slots).map(key_of).collect();
+    let mut rr = 0usize;
     let mut tracker = SequenceTracker::new(bs);
     for s in 0..slots {
         tracker.add_worker(key_of(s));
@@ -208,73 +208,41 @@ pub fn run(
     let base = Instant::now();
     let instant = |ms: f64| base + Duration::from_secs_f64(ms.max(0.0) / 1000.0);
     let mut ids = vec![String::new(); reqs.len()];
+    // The router queue (KV modes with `router_queue_threshold`), as the live
+    // router runs it: held while every rank is saturated, released as load falls.
+    let max_batched = cfg.engine.max_num_batched_tokens as u64;
+    let saturated = |theta: f64, t: &SequenceTracker| {
+        let load = (0..slots).map(|s| {
+            (
+                t.get(key_of(s)).map_or(0, |a| a.active_tokens()),
+                max_batched,
+            )
+        });
+        all_saturated(theta, load)
+    };
+    let mut queue = cfg
+        .router
+        .router_queue_threshold
+        .filter(|_| index.is_some())
+        .map(|theta| {
+            (
+                RouterQueue::new(cfg.router.router_queue_policy, instant(0.0)),
+                theta,
+            )
+        });
     while let Some((At(now, _), ev)) = heap.pop() {
+        let mut arrival = None;
         match ev {
-            Ev::Arrival(i) => {
-                let r = &reqs[i];
-                ids[i] = format!("r{i}");
-                let w = match &mut router {
-                    Router::Plain { next } => {
-                        if mode == SimMode::Random {
-                            rng.random_range(0..slots)
-                        } else {
-                            *next += 1;
-                            (*next - 1) % slots
-                        }
-                    }
-                    Router::Kv { .. } | Router::Approx { .. } => {
-                        let overlaps = match &mut router {
-                            Router::Kv { index } => index.find_matches(&r.local),
-                            Router::Approx { index } => {
-                                index.expire(instant(now));
-                                index.find_matches(&r.local)
-                            }
-                            Router::Plain { .. } => unreachable!("matched above"),
-                        };
-                        let k = route_kv(
-                            cfg,
-                            r,
-                            &overlaps,
-                            &mut tracker,
-                            &ids[i],
-                            &mut rng,
-                            instant(now),
-                        );
-                        if let Router::Approx { index } = &mut router {
-                            index.process_routing_decision(k, &r.local, &r.seq, instant(now));
-                        }
-                        k.worker_id as usize * dp + k.dp_rank as usize
-                    }
-                };
-                rec.routed(i, w);
-                engines[w].add_request(EngineRequest {
-                    id: i as u64,
-                    prompt_tokens: r.prompt_tokens,
-                    prompt_blocks: r
-                        .local
-                        .iter()
-                        .zip(&r.seq)
-                        .map(|(l, s)| FullBlock {
-                            seq: s.0,
-                            local: l.0,
-                        })
-                        .collect(),
-                    max_tokens: r.output_tokens,
-                });
-                if !busy[w]
-                    && let Some(d) = engines[w].plan_step()
-                {
-                    busy[w] = true;
-                    push(&mut heap, now + d, Ev::StepDone(w));
-                }
-            }
+            Ev::Arrival(i) => arrival = Some(i),
             Ev::StepDone(w) => {
                 let result = engines[w].finish_step();
                 rec.preempted(result.preempted);
-                if let Router::Kv { index } = &mut router {
+                // Only `kv` hears the engines; `kv-approx` learns from its own routing.
+                if let (SimMode::Kv, Some(index)) = (mode, &index) {
                     for event in result.events {
                         // Counted in the index's stats; the report checks they are all clean.
-                        let _ = index.apply_event(&RouterEvent::new(key_of(w).worker_id, event));
+                        let ev = RouterEvent::new(key_of(w).worker_id, event);
+                        let _ = index.apply_event(&ev, instant(now));
                     }
                 }
                 for t in &result.tokens {
@@ -295,61 +263,95 @@ pub fn run(
                 }
             }
         }
+        // Route the arrival, then whatever the queue may release now.
+        loop {
+            let i = match (arrival.take(), &mut queue) {
+                (Some(i), Some((q, theta))) if !q.is_empty() || saturated(*theta, &tracker) => {
+                    let r = &reqs[i];
+                    q.push(r.prompt_tokens, Duration::ZERO, instant(r.arrival_ms), i);
+                    continue;
+                }
+                (Some(i), _) => i,
+                (None, Some((q, theta))) if !q.is_empty() && !saturated(*theta, &tracker) => {
+                    q.pop().expect("not empty")
+                }
+                (None, _) => break,
+            };
+            let r = &reqs[i];
+            ids[i] = format!("r{i}");
+            let plan = match &index {
+                None => {
+                    let plain = match mode {
+                        SimMode::Random => RouterMode::Random,
+                        _ => RouterMode::RoundRobin,
+                    };
+                    let ranks = all_ranks.clone();
+                    pipeline.select_plain(
+                        plain,
+                        r.prompt_tokens,
+                        ranks,
+                        &no_busy,
+                        &mut rr,
+                        &mut rng,
+                    )
+                }
+                Some(index) => {
+                    let at = instant(now);
+                    let overlaps = pipeline.lookup(index.as_ref(), &r.local, at);
+                    let hashes = pipeline.tracking_hashes(&r.local, &params, &mut rng);
+                    let filter = RankFilter {
+                        allowed: None,
+                        busy: &no_busy,
+                    };
+                    let plan = pipeline.select_kv(
+                        r.prompt_tokens,
+                        &params,
+                        hashes,
+                        &overlaps,
+                        &tracker,
+                        filter,
+                        &mut rng,
+                    );
+                    if let Ok(plan) = &plan {
+                        let _ = pipeline.commit(
+                            index.as_ref(),
+                            &mut tracker,
+                            &ids[i],
+                            &r.local,
+                            plan,
+                            None,
+                            at,
+                        );
+                    }
+                    plan
+                }
+            }
+            .expect("every simulated rank is a candidate");
+            let w = plan.worker.worker_id as usize * dp + plan.worker.dp_rank as usize;
+            rec.routed(i, w);
+            engines[w].add_request(EngineRequest {
+                id: i as u64,
+                prompt_tokens: r.prompt_tokens,
+                prompt_blocks: r
+                    .local
+                    .iter()
+                    .zip(&r.seq)
+                    .map(|(l, s)| FullBlock {
+                        seq: s.0,
+                        local: l.0,
+                    })
+                    .collect(),
+                max_tokens: r.output_tokens,
+            });
+            if !busy[w]
+                && let Some(d) = engines[w].plan_step()
+            {
+                busy[w] = true;
+                push(&mut heap, now + d, Ev::StepDone(w));
+            }
+        }
     }
-    let errors = match &router {
-        Router::Kv { index } => index.stats().errors(),
-        _ => 0,
-    };
-    rec.finish(errors)
-}
-
-fn route_kv(
-    cfg: &SimConfig,
-    r: &SimRequest,
-    overlaps: &kvrouter_core::OverlapScores,
-    tracker: &mut SequenceTracker,
-    id: &str,
-    rng: &mut StdRng,
-    now: Instant,
-) -> WorkerKey {
-    let rc = &cfg.router;
-    let hashes = tracking_hashes(
-        &r.local,
-        rc.router_track_active_blocks,
-        rc.router_assume_kv_reuse,
-        rng,
-    );
-    let overlap_of = |w: WorkerKey| overlaps.score(w);
-    let loads = tracker.potential_load(r.prompt_tokens, hashes.as_deref(), overlap_of);
-    let candidates: Vec<Candidate> = loads
-        .iter()
-        .map(|l| Candidate {
-            worker: l.worker,
-            overlap_blocks: overlap_of(l.worker),
-            tree_size: overlaps.tree_size(l.worker).unwrap_or(0),
-            prefill_tokens: l.prefill_tokens,
-            decode_blocks: l.decode_blocks,
-        })
-        .collect();
-    let req = RouteRequest {
-        isl_tokens: r.prompt_tokens,
-        block_size: cfg.engine.block_size,
-        overlap_score_weight: rc.overlap_score_weight,
-        temperature: rc.router_temperature,
-    };
-    let d = select_kv(&req, &candidates, rng).expect("every simulated worker is a candidate");
-    let _ = tracker.add_request(
-        d.worker,
-        NewRequest {
-            id,
-            seq_hashes: hashes.as_deref(),
-            isl: r.prompt_tokens,
-            overlap: d.overlap_blocks,
-            expected_output_tokens: None,
-        },
-        now,
-    );
-    d.worker
+    rec.finish(index.map_or(0, |i| i.event_errors()))
 }
 
 /// The pooled-cache bound: one LRU cache of every worker's capacity.

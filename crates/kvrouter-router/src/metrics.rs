@@ -57,6 +57,9 @@ pub struct RouterMetrics {
     pub selected: IntCounterVec,
     /// `dynamo_kvrouter_index_snapshots_total`: snapshots uploaded (durable mode).
     pub snapshots: prometheus::IntCounter,
+    /// `kvrouter_router_queued_requests`: requests held in the router queue
+    /// (a part of the frontend's `dynamo_frontend_queued_requests`).
+    pub queue_depth: prometheus::IntGauge,
 }
 
 fn hist(name: &str, help: &str, buckets: &[f64]) -> Histogram {
@@ -157,6 +160,10 @@ impl RouterMetrics {
                 "dynamo_kvrouter_index_snapshots_total",
                 "Index snapshots uploaded to the object store (durable KV events)",
             )?,
+            queue_depth: prometheus::IntGauge::new(
+                "kvrouter_router_queued_requests",
+                "Requests held in the router queue while every worker is saturated",
+            )?,
         };
         registry.register(Box::new(m.block_hashing_ms.clone()))?;
         registry.register(Box::new(m.find_matches_ms.clone()))?;
@@ -173,6 +180,7 @@ impl RouterMetrics {
         registry.register(Box::new(m.worker_requests.clone()))?;
         registry.register(Box::new(m.selected.clone()))?;
         registry.register(Box::new(m.snapshots.clone()))?;
+        registry.register(Box::new(m.queue_depth.clone()))?;
         Ok(m)
     }
 

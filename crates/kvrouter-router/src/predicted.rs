@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use kvrouter_core::hash::{LocalBlockHash, sequence_hashes};
 use kvrouter_core::protocols::{
-    KvCacheEvent, KvCacheEventData, KvCacheRemoveData, KvCacheStoreData, KvCacheStoredBlockData,
+    KvCacheEvent, KvCacheEventData, KvCacheRemoveData, KvCacheStoreData,
 };
 use kvrouter_core::{ExternalSequenceBlockHash, RouterEvent, WorkerKey};
 use parking_lot::Mutex;
@@ -64,23 +64,11 @@ impl Predicted {
                 st.queue.push_back((now, worker, s.0));
             }
         }
-        let blocks = local
-            .iter()
-            .zip(&seq)
-            .map(|(l, s)| KvCacheStoredBlockData {
-                block_hash: ExternalSequenceBlockHash(s.0),
-                tokens_hash: *l,
-                mm_extra_info: None,
-            })
-            .collect();
         router.apply_event(&RouterEvent::new(
             worker.worker_id,
             KvCacheEvent {
                 event_id: 0,
-                data: KvCacheEventData::Stored(KvCacheStoreData {
-                    parent_hash: None,
-                    blocks,
-                }),
+                data: KvCacheEventData::Stored(KvCacheStoreData::root_chain(local, &seq)),
                 dp_rank: worker.dp_rank,
             },
         ));

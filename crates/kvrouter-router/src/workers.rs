@@ -323,6 +323,12 @@ impl WorkerPool {
         let mut sent = req.clone();
         sent.request_id = Some(request_id.to_string());
         let mut exclude = Vec::new();
+        // Held here while every worker is saturated (the router queue).
+        let mut turn = Some(
+            self.router
+                .turn(req.token_ids.len(), req.priority_jump())
+                .await,
+        );
         loop {
             let q = RouteQuery {
                 tokens: &req.token_ids,
@@ -335,6 +341,8 @@ impl WorkerPool {
             let active = self
                 .router
                 .begin(request_id, &routing, req.expected_output_tokens());
+            // Committed: its load is counted, the next held request may go.
+            drop(turn.take());
             let worker_id = routing.worker.worker_id;
             let address = self
                 .instances

@@ -70,18 +70,7 @@ fn stored(worker_id: u64, event_id: u64, tokens: &[u32], block_size: usize) -> R
         worker_id,
         KvCacheEvent {
             event_id,
-            data: KvCacheEventData::Stored(KvCacheStoreData {
-                parent_hash: None,
-                blocks: local
-                    .iter()
-                    .zip(&seq)
-                    .map(|(l, s)| KvCacheStoredBlockData {
-                        block_hash: ExternalSequenceBlockHash(s.0),
-                        tokens_hash: *l,
-                        mm_extra_info: None,
-                    })
-                    .collect(),
-            }),
+            data: KvCacheEventData::Stored(KvCacheStoreData::root_chain(&local, &seq)),
             dp_rank: 0,
         },
     )

@@ -95,7 +95,8 @@ fn help_exits_0_and_lists_env_vars() {
 }
 
 /// `kvrouter serve` as the README runs it: a child process on a free port,
-/// answering a real HTTP client, with no external service.
+/// answering a real HTTP client, with no external service, routing by KV
+/// cache without being asked to.
 #[tokio::test]
 async fn serve_answers_openai_requests() {
     use std::io::BufRead;
@@ -108,8 +109,6 @@ async fn serve_answers_openai_requests() {
             "0",
             "--workers",
             "2",
-            "--router-mode",
-            "kv",
             "--speedup-ratio",
             "20",
         ])
@@ -155,6 +154,12 @@ async fn serve_answers_openai_requests() {
         .await
         .unwrap();
     assert!(metrics.contains("dynamo_frontend_model_workers{model=\"mock-model\"} 2"));
+    // With no --router-mode, serve routes by KV cache.
+    assert!(
+        metrics
+            .contains("dynamo_component_router_requests_total{router_mode=\"kv\",status=\"ok\"} 1"),
+        "{metrics}"
+    );
     child.kill().unwrap();
     child.wait().unwrap();
 }

@@ -8,6 +8,9 @@
 //!   N shards, written by N threads (each worker's events in order on one
 //!   thread) while lookups run from any thread.
 //!
+//! - [`KvIndex`]: all of the above behind one thread-safe trait, picked once
+//!   from the configuration by [`index_for`].
+//!
 //! All of them answer [`RadixIndex::find_matches`]-style lookups with
 //! [`crate::OverlapScores`] and count every event by kind and outcome in
 //! [`EventStats`], the source of `dynamo_kvrouter_kv_cache_events_applied`.
@@ -15,12 +18,14 @@
 mod approx;
 mod concurrent;
 mod radix;
+mod shared;
 mod worker_blocks;
 mod worker_set;
 
 pub use approx::{ApproxIndex, PruneConfig};
 pub use concurrent::{ShardedIndex, ThreadedIndex};
 pub use radix::RadixIndex;
+pub use shared::{ConcurrentIndex, KvIndex, index_for};
 
 /// Why an event was not (fully) applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -234,9 +234,12 @@ impl EnginePool {
         config_override: Option<&RouterConfigOverride>,
         request_id: &str,
         dp_rank: Option<u32>,
+        jump: std::time::Duration,
         mut req: ForwardRequest,
     ) -> Result<Passthrough, ForwardError> {
         let mut exclude: Vec<u64> = Vec::new();
+        // Held here while every engine is saturated (the router queue).
+        let mut turn = Some(self.router.turn(tokens.len(), jump).await);
         loop {
             let down: Vec<u64> = self
                 .engines
@@ -254,6 +257,7 @@ impl EnginePool {
             })?;
             let engine = self.engines[&routing.worker.worker_id].clone();
             let active = self.router.begin(request_id, &routing, None);
+            drop(turn.take());
             if let Some(p) = self.predicted.as_ref().filter(|_| engine.events.is_empty()) {
                 p.routed(
                     &self.router,

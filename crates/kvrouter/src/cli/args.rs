@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 use kvrouter_core::RouterMode;
+use kvrouter_core::queue::QueuePolicy;
 use serde::Serialize;
 
 /// Where instances register and are discovered.
@@ -276,6 +277,10 @@ pub struct QueueArgs {
     /// Hold requests while every worker has more than this × max_num_batched_tokens queued.
     #[arg(allow_negative_numbers = true, long, help_heading = "KV router")]
     pub router_queue_threshold: Option<f64>,
+    /// Order in which held requests are released: fcfs (arrival, moved earlier by
+    /// nvext.agent_hints.latency_sensitivity seconds) or wspt (shortest prompt first).
+    #[arg(long, value_enum, default_value_t = QueuePolicy::Fcfs, help_heading = "KV router")]
+    pub router_queue_policy: QueuePolicy,
 }
 
 /// Busy thresholds: workers over them are skipped; all over → 503.

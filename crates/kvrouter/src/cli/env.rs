@@ -143,6 +143,7 @@ pub const ENV: &[EnvVar] = &[
     ),
     value("router_event_threads", &["DYN_ROUTER_EVENT_THREADS"]),
     value("router_queue_threshold", &["DYN_ROUTER_QUEUE_THRESHOLD"]),
+    value("router_queue_policy", &["DYN_ROUTER_QUEUE_POLICY"]),
     // Busy thresholds.
     value(
         "active_decode_blocks_threshold",

@@ -55,6 +55,10 @@ pub enum Command {
     /// Simulated inference engine(s) publishing real KV events.
     Mocker(MockerArgs),
     /// Everything in one process: frontend, KV router and mock workers.
+    ///
+    /// Routes by KV cache by default (`--router-mode kv`); `frontend` keeps the
+    /// reference default, round-robin.
+    #[command(mut_arg("router_mode", |a| a.default_value("kv")))]
     Serve(ServeArgs),
     /// Register an external engine (vLLM, SGLang, …) in discovery and republish its KV events.
     Engine(EngineCmdArgs),
@@ -298,6 +302,9 @@ pub struct SimArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub kv: KvArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub queue: QueueArgs,
 }
 
 fn parse_sim_mode(s: &str) -> Result<kvrouter_mocker::sim::SimMode, String> {

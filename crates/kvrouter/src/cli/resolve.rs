@@ -3,9 +3,10 @@
 use std::path::Path;
 
 use clap::CommandFactory;
-use kvrouter_core::KvRouterConfig;
 use kvrouter_core::busy::LoadThresholds;
 use kvrouter_core::config::ConfigError;
+use kvrouter_core::{KvRouterConfig, RouterMode};
+use kvrouter_mocker::sim::SimMode;
 use serde_json::{Map, Value, json};
 
 use super::args::{BusyArgs, KvArgs, QueueArgs, RuntimeArgs, StoreKv};
@@ -56,6 +57,7 @@ fn config_args(field: &str) -> &'static [&'static str] {
         "router_max_tree_size" => &["router_max_tree_size"],
         "router_prune_target_ratio" => &["router_prune_target_ratio"],
         "router_queue_threshold" => &["router_queue_threshold"],
+        "router_queue_policy" => &["router_queue_policy"],
         "router_event_threads" => &["router_event_threads"],
         "enable_prefix_caching" => &["enable_prefix_caching", "no_enable_prefix_caching"],
         "enable_chunked_prefill" => &["enable_chunked_prefill", "no_enable_chunked_prefill"],
@@ -82,6 +84,7 @@ fn kv_config(kv: &KvArgs, queue: Option<&QueueArgs>) -> KvRouterConfig {
         router_max_tree_size: kv.router_max_tree_size,
         router_prune_target_ratio: kv.router_prune_target_ratio,
         router_queue_threshold: queue.and_then(|q| q.router_queue_threshold),
+        router_queue_policy: queue.map_or_else(Default::default, |q| q.router_queue_policy),
         router_event_threads: kv.router_event_threads,
     }
 }
@@ -451,6 +454,21 @@ impl Parsed {
                         message: "must be at least 1".into(),
                     });
                 }
+                let queued = [SimMode::Kv, SimMode::KvApprox];
+                if a.queue.router_queue_threshold.is_some()
+                    && !a.sim_router_mode.iter().any(|m| queued.contains(m))
+                {
+                    p.push(Problem {
+                        flags: vec![flag(sub, "router_queue_threshold"), flag(sub, "sim_router_mode")],
+                        message: "the router queue applies to the kv and kv-approx modes; none is simulated".into(),
+                    });
+                }
+                if a.queue.router_queue_threshold.is_none() && explicit("router_queue_policy") {
+                    p.push(Problem {
+                        flags: vec![flag(sub, "router_queue_policy")],
+                        message: "orders the router queue, which is off: set --router-queue-threshold too".into(),
+                    });
+                }
                 let modes: Vec<String> = a.sim_router_mode.iter().map(|m| m.to_string()).collect();
                 put(json!({
                     "trace": a.trace, "workers": a.sim_workers, "router_mode": modes, "speedup": a.speedup,
@@ -462,7 +480,7 @@ impl Parsed {
                 );
                 (
                     sub,
-                    Some(kv_config(&a.kv, None)),
+                    Some(kv_config(&a.kv, Some(&a.queue))),
                     None,
                     Some(a.engine.block_size),
                     None,
@@ -629,6 +647,7 @@ fn frontend_settings(
             ),
         });
     }
+    queue_problems(sub, a, explicit, p);
     if let Some(bs) = a.routing.kv_cache_block_size
         && bs < 2
     {
@@ -666,6 +685,52 @@ fn frontend_settings(
         thresholds(&a.busy),
         groups,
     )
+}
+
+/// The router queue applies only where this frontend's own KV router picks
+/// workers whose batch size it knows; anywhere else the flags would do nothing.
+fn queue_problems(
+    sub: &str,
+    a: &super::FrontendArgs,
+    explicit: &dyn Fn(&str) -> bool,
+    p: &mut Vec<Problem>,
+) {
+    if a.queue.router_queue_threshold.is_none() {
+        if explicit("router_queue_policy") {
+            p.push(Problem {
+                flags: vec![flag(sub, "router_queue_policy")],
+                message: "orders the router queue, which is off: set --router-queue-threshold too"
+                    .into(),
+            });
+        }
+        return;
+    }
+    let why = if a.routing.router_mode != RouterMode::Kv {
+        Some((
+            "router_mode",
+            "the queue waits on the KV router's load model: it needs --router-mode kv",
+        ))
+    } else if a.routing.router_endpoint.is_some() {
+        Some((
+            "router_endpoint",
+            "through --router-endpoint the standalone router picks the workers; this \
+             frontend has no load to queue on",
+        ))
+    } else if !a.engines.engines.is_empty() {
+        Some((
+            "engines",
+            "vLLM and SGLang do not publish max_num_batched_tokens, so saturation cannot be \
+             told; bound the engines' own queues (vLLM --max-num-seqs) or use the busy thresholds",
+        ))
+    } else {
+        None
+    };
+    if let Some((other, message)) = why {
+        p.push(Problem {
+            flags: vec![flag(sub, "router_queue_threshold"), flag(sub, other)],
+            message: message.into(),
+        });
+    }
 }
 
 /// `--engine`: no engine twice, and nothing that only applies to kvrouter workers.

@@ -380,9 +380,23 @@ fn flag_rows() -> Vec<(
         (
             "router_queue_threshold",
             "frontend",
-            vec!["--router-queue-threshold", "2"],
+            vec!["--router-mode", "kv", "--router-queue-threshold", "2"],
             "router_queue_threshold",
             json!(2.0),
+        ),
+        (
+            "router_queue_policy",
+            "frontend",
+            vec![
+                "--router-mode",
+                "kv",
+                "--router-queue-threshold",
+                "2",
+                "--router-queue-policy",
+                "wspt",
+            ],
+            "router_queue_policy",
+            json!("wspt"),
         ),
         (
             "active_decode_blocks_threshold",
@@ -988,6 +1002,40 @@ fn every_validation_rule_names_its_flags() {
         ("sim", &["--workers", "0"], "--workers:"),
         ("sim", &["--limit", "0"], "--limit:"),
         ("sim", &["--router-mode", "fastest"], ""),
+        // The router queue where it could do nothing.
+        (
+            "frontend",
+            &["--router-queue-threshold", "1"],
+            "--router-queue-threshold + --router-mode: the queue waits",
+        ),
+        (
+            "serve",
+            &["--router-queue-policy", "wspt"],
+            "--router-queue-policy: orders the router queue, which is off",
+        ),
+        (
+            "frontend",
+            &[
+                "--router-mode",
+                "kv",
+                "--router-queue-threshold",
+                "1",
+                "--router-endpoint",
+                "ns.router.generate",
+            ],
+            "--router-queue-threshold + --router-endpoint",
+        ),
+        (
+            "serve",
+            &[
+                "--router-queue-threshold",
+                "1",
+                "--engine",
+                "http://127.0.0.1:9",
+            ],
+            "--router-queue-threshold + --engine",
+        ),
+        ("frontend", &["--router-queue-policy", "lifo"], ""),
     ];
     for (sub, tail, needle) in cases {
         if needle.is_empty() {
