@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Routers in front of the same engines: kvrouter `kv`, kvrouter `round-robin` and
+"""Routers in front of the same engines: kvrouter `kv`, `kv-sticky` and `round-robin`, and
 sglang-router `cache_aware`, each over freshly started stand-in vLLM engines
 (`kvrouter mocker --openai-port`), under the same seeded streaming chat load
 (`kvrouter bench chat`: shared system prompts over many groups).
@@ -100,7 +100,7 @@ class Engines:
 def start_router(kind, a, engines):
     port = free_port()
     if kind.startswith("kvrouter"):
-        mode = "kv" if kind == "kvrouter-kv" else "round-robin"
+        mode = {"kvrouter-kv": "kv", "kvrouter-sticky": "kv-sticky", "kvrouter-rr": "round-robin"}[kind]
         cmd = [a.kvrouter, "serve", "--http-host", "127.0.0.1", "--http-port", str(port),
                "--router-mode", mode, "--kv-cache-block-size", "16"]
         for s in engines.specs:
@@ -160,14 +160,18 @@ def run_cell(a, n, blocks, kind):
         engines.stop()
 
 
+ROUTERS = ["kvrouter-kv", "kvrouter-sticky", "kvrouter-rr", "sglang-cache_aware"]
+
+
 def svg(results, path):
     cells = []
     for r in results:
         key = (r["engines"], r["blocks_per_engine"])
         if key not in cells:
             cells.append(key)
-    routers = ["kvrouter-kv", "kvrouter-rr", "sglang-cache_aware"]
-    colors = {"kvrouter-kv": "#4c78a8", "kvrouter-rr": "#9d9d9d", "sglang-cache_aware": "#f58518"}
+    routers = ROUTERS
+    colors = {"kvrouter-kv": "#4c78a8", "kvrouter-sticky": "#54a24b", "kvrouter-rr": "#9d9d9d",
+              "sglang-cache_aware": "#f58518"}
     w, h, pad = 900, 360, 60
     panels = [("cached fraction (engines' count)", lambda r: r["cached_fraction"], 1.0),
               ("TTFT p90 (ms)", lambda r: r["ttft_ms"]["p90"], None),
@@ -196,8 +200,8 @@ def svg(results, path):
             label = f"{cell[0]} engines" + (" small" if cell[1] < 4096 else "")
             out.append(f'<text x="{x0 + ci*gw + gw/2:.1f}" y="{bottom+14}" text-anchor="middle">{label}</text>')
     for ri, name in enumerate(routers):
-        out.append(f'<rect x="{pad + ri*200}" y="{h-30}" width="12" height="12" fill="{colors[name]}"/>')
-        out.append(f'<text x="{pad + ri*200 + 16}" y="{h-20}">{name}</text>')
+        out.append(f'<rect x="{pad + ri*180}" y="{h-30}" width="12" height="12" fill="{colors[name]}"/>')
+        out.append(f'<text x="{pad + ri*180 + 16}" y="{h-20}">{name}</text>')
     out.append("</svg>")
     open(path, "w").write("\n".join(out))
 
@@ -219,7 +223,7 @@ def main():
     results = []
     for cell in a.cells.split(","):
         n, blocks = (int(x) for x in cell.split(":"))
-        for kind in ["kvrouter-kv", "kvrouter-rr", "sglang-cache_aware"]:
+        for kind in ROUTERS:
             r = run_cell(a, n, blocks, kind)
             print(json.dumps(r), flush=True)
             results.append(r)

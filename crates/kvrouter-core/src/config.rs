@@ -48,6 +48,9 @@ pub struct KvRouterConfig {
     pub router_queue_policy: crate::queue::QueuePolicy,
     /// Threads applying KV events (≥ 1; > 1 needs `use_kv_events`).
     pub router_event_threads: u32,
+    /// `kv-sticky`: how far above the mean cost a rank may run and still keep
+    /// its prefix families (≥ 0; a fraction).
+    pub router_sticky_spill: f64,
 }
 
 impl Default for KvRouterConfig {
@@ -69,6 +72,7 @@ impl Default for KvRouterConfig {
             router_queue_threshold: None,
             router_queue_policy: crate::queue::QueuePolicy::Fcfs,
             router_event_threads: 1,
+            router_sticky_spill: crate::sticky::DEFAULT_SPILL,
         }
     }
 }
@@ -102,6 +106,7 @@ impl KvRouterConfig {
             ("overlap_score_weight", self.overlap_score_weight),
             ("router_temperature", self.router_temperature),
             ("router_ttl_secs", self.router_ttl_secs),
+            ("router_sticky_spill", self.router_sticky_spill),
         ];
         for (name, v) in non_negative {
             if !(v.is_finite() && v >= 0.0) {

@@ -23,6 +23,7 @@
 //! - [`schedule`]: the scheduling pipeline (hash → lookup → select → commit)
 //!   shared by the live router and the simulator.
 //! - [`queue`]: the router queue's saturation test and release order.
+//! - [`sticky`]: `kv-sticky`, prefix families kept together within a load bound.
 //! - [`busy`]: busy thresholds and overload detection.
 //! - [`llm`]: the tokenized request and engine output exchanged with workers.
 //! - [`error`]: the typed error that crosses process and engine boundaries.
@@ -41,6 +42,7 @@ pub mod queue;
 pub mod schedule;
 pub mod selection;
 pub mod sequences;
+pub mod sticky;
 
 pub use config::{KvRouterConfig, RouterConfigOverride};
 pub use hash::{ExternalSequenceBlockHash, LocalBlockHash, SequenceHash};

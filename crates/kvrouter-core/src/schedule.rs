@@ -62,17 +62,46 @@ pub struct Plan {
     pub seq_hashes: Option<Vec<u64>>,
 }
 
+/// How the KV-aware stage picks among the candidates.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KvPolicy {
+    /// The reference cost, `W · prefill_blocks + decode_blocks` (`kv`).
+    Cost,
+    /// Prefix families kept on one rank within a load bound (`kv-sticky`,
+    /// [`crate::sticky`]); `spill` is how far above the mean cost a rank may run.
+    Sticky {
+        /// Load bound above the mean cost, as a fraction.
+        spill: f64,
+    },
+}
+
 /// The pipeline (see the module docs).
 #[derive(Debug, Clone)]
 pub struct Pipeline {
     block_size: usize,
     config: KvRouterConfig,
+    policy: KvPolicy,
 }
 
 impl Pipeline {
-    /// A pipeline for blocks of `block_size` tokens.
+    /// A pipeline for blocks of `block_size` tokens, with the reference cost.
     pub fn new(block_size: usize, config: KvRouterConfig) -> Self {
-        Self { block_size, config }
+        Self {
+            block_size,
+            config,
+            policy: KvPolicy::Cost,
+        }
+    }
+
+    /// The same pipeline with another KV policy.
+    pub fn with_policy(mut self, policy: KvPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// The KV policy it applies.
+    pub fn policy(&self) -> KvPolicy {
+        self.policy
     }
 
     /// Tokens per block.
@@ -133,12 +162,14 @@ impl Pipeline {
         )
     }
 
-    /// Stages 4–5 of the KV cost: every eligible rank's load with this
-    /// request added, then the cheapest (or a softmax sample).
+    /// Stages 4–5 of the KV policies: every eligible rank's load with this
+    /// request added, then the policy's pick (`local` is the prompt's blocks,
+    /// the first naming its family for `kv-sticky`).
     #[allow(clippy::too_many_arguments)]
     pub fn select_kv<R: Rng + ?Sized>(
         &self,
         isl: usize,
+        local: &[LocalBlockHash],
         p: &Params,
         seq_hashes: Option<Vec<u64>>,
         overlaps: &OverlapScores,
@@ -166,7 +197,13 @@ impl Pipeline {
             overlap_score_weight: p.overlap_score_weight,
             temperature: p.temperature,
         };
-        let d = select_kv(&req, &candidates, rng)?;
+        let d = match self.policy {
+            KvPolicy::Cost => select_kv(&req, &candidates, rng)?,
+            KvPolicy::Sticky { spill } => {
+                let home = local.first().map_or(0, |h| h.0);
+                crate::sticky::select_sticky(&req, &candidates, home, spill)?
+            }
+        };
         Ok(Plan {
             worker: d.worker,
             overlap_blocks: d.overlap_blocks,
@@ -284,7 +321,7 @@ mod tests {
             busy: &none,
         };
         let plan = p
-            .select_kv(16, &params, hashes, &overlaps, &t, filter, &mut rng)
+            .select_kv(16, &local, &params, hashes, &overlaps, &t, filter, &mut rng)
             .unwrap();
         assert_eq!((plan.worker, plan.overlap_blocks), (b, 4));
         p.commit(
@@ -306,7 +343,7 @@ mod tests {
             busy: &none,
         };
         let plan = p
-            .select_kv(16, &params, None, &overlaps, &t, filter, &mut rng)
+            .select_kv(16, &local, &params, None, &overlaps, &t, filter, &mut rng)
             .unwrap();
         assert_eq!((plan.worker, plan.overlap_blocks), (a, 0));
 
@@ -316,7 +353,7 @@ mod tests {
             allowed: Some(&only_a),
             busy: &busy,
         };
-        let e = p.select_kv(16, &params, None, &overlaps, &t, filter, &mut rng);
+        let e = p.select_kv(16, &local, &params, None, &overlaps, &t, filter, &mut rng);
         assert_eq!(e, Err(SelectionError::AllWorkersBusy));
     }
 

@@ -31,15 +31,23 @@ pub enum RouterMode {
     Random,
     /// KV-cache-aware: overlap against prefill and decode load.
     Kv,
+    /// KV-cache-aware, prefix families kept on one worker within a load bound.
+    KvSticky,
 }
 
 impl RouterMode {
     /// Every mode, by its flag spelling.
-    pub const ALL: [(RouterMode, &'static str); 3] = [
+    pub const ALL: [(RouterMode, &'static str); 4] = [
         (RouterMode::RoundRobin, "round-robin"),
         (RouterMode::Random, "random"),
         (RouterMode::Kv, "kv"),
+        (RouterMode::KvSticky, "kv-sticky"),
     ];
+
+    /// Whether it follows the KV index and the active sequences.
+    pub fn kv_aware(self) -> bool {
+        matches!(self, RouterMode::Kv | RouterMode::KvSticky)
+    }
 
     /// The flag spelling (`round-robin`).
     pub fn as_str(self) -> &'static str {
@@ -181,17 +189,23 @@ pub fn select_kv<R: Rng + ?Sized>(
     } else {
         lowest(candidates, &costs, min, rng)
     };
-    let c = &candidates[index];
-    let (prefill_blocks, decode_blocks, cost) = cost(req, c);
-    Ok(Decision {
-        worker: c.worker,
-        overlap_blocks: c.overlap_blocks,
-        prefill_blocks,
-        decode_blocks,
-        cost,
-        required_blocks: req.isl_tokens.div_ceil(req.block_size),
-        tied,
-    })
+    Ok(Decision::of(req, &candidates[index], tied))
+}
+
+impl Decision {
+    /// The decision to send `req` to `c`, with its cost broken down.
+    pub fn of(req: &RouteRequest, c: &Candidate, tied: usize) -> Self {
+        let (prefill_blocks, decode_blocks, cost) = cost(req, c);
+        Decision {
+            worker: c.worker,
+            overlap_blocks: c.overlap_blocks,
+            prefill_blocks,
+            decode_blocks,
+            cost,
+            required_blocks: req.isl_tokens.div_ceil(req.block_size),
+            tied,
+        }
+    }
 }
 
 /// The cheapest candidates; among them the smallest tree, then uniformly.
@@ -404,6 +418,8 @@ mod tests {
             .collect();
         assert_eq!(picks, vec![0, 1, 2, 0, 1]);
         assert_eq!("kv".parse::<RouterMode>(), Ok(RouterMode::Kv));
+        assert_eq!("kv-sticky".parse::<RouterMode>(), Ok(RouterMode::KvSticky));
+        assert!(RouterMode::KvSticky.kv_aware() && !RouterMode::RoundRobin.kv_aware());
         assert_eq!(
             "round_robin".parse::<RouterMode>(),
             Ok(RouterMode::RoundRobin)

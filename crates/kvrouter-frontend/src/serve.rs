@@ -139,7 +139,7 @@ pub async fn start_engine_frontend(
         .or_else(|| found.block_size())
         .unwrap_or(DEFAULT_ENGINE_BLOCK_SIZE);
     let mut kv = routing.kv;
-    if routing.mode == RouterMode::Kv && kv.use_kv_events && !found.publishes_events() {
+    if routing.mode.kv_aware() && kv.use_kv_events && !found.publishes_events() {
         tracing::warn!(
             "no engine publishes KV events: routing approximately (caches predicted from the router's own decisions)"
         );

@@ -243,8 +243,12 @@ pub fn table(reports: &[ModeReport]) -> String {
 
 /// TTFT CDFs per mode (log time axis) and prefix-hit-rate bars, as SVG.
 pub fn svg(reports: &[ModeReport], title: &str) -> String {
-    const COLORS: [&str; 5] = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"];
+    const COLORS: [&str; 6] = [
+        "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
+    ];
     let (w, h) = (900.0, 380.0);
+    // Hit-rate bars share the 250 px right of the CDF panel.
+    let step = (250.0 / reports.len().max(1) as f64).min(48.0);
     let (l, t, pw, ph) = (60.0, 40.0, 520.0, 280.0);
     let mut s = format!(
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/><text x="{}" y="20" text-anchor="middle" font-size="14">{}</text>"#,
@@ -329,24 +333,25 @@ pub fn svg(reports: &[ModeReport], title: &str) -> String {
             t + 18.0 + k as f64 * 15.0,
             xml(&r.mode)
         ));
-        let bx = 640.0 + k as f64 * 48.0;
+        let bx = 640.0 + k as f64 * step;
         let bh = r.hit_rate * ph;
         s.push_str(&format!(
-            r#"<rect x="{bx}" y="{}" width="36" height="{bh}" fill="{c}"/><text x="{}" y="{}" text-anchor="middle">{:.1}%</text><text x="{}" y="{}" text-anchor="middle" transform="rotate(35 {} {})">{}</text>"#,
+            r#"<rect x="{bx}" y="{}" width="{}" height="{bh}" fill="{c}"/><text x="{}" y="{}" text-anchor="middle">{:.1}%</text><text x="{}" y="{}" text-anchor="middle" transform="rotate(35 {} {})">{}</text>"#,
             t + ph - bh,
-            bx + 18.0,
+            step * 0.75,
+            bx + step * 0.375,
             t + ph - bh - 4.0,
             r.hit_rate * 100.0,
-            bx + 18.0,
+            bx + step * 0.375,
             t + ph + 14.0,
-            bx + 18.0,
+            bx + step * 0.375,
             t + ph + 14.0,
             xml(&r.mode)
         ));
     }
     s.push_str(&format!(
         r#"<text x="{}" y="{}" text-anchor="middle">prefix hit rate</text>"#,
-        640.0 + reports.len() as f64 * 24.0,
+        640.0 + reports.len() as f64 * step / 2.0,
         t - 8.0
     ));
     s.push_str("</svg>\n");

@@ -12,10 +12,11 @@
 //!
 //! Modes: `round-robin`, `random`, `kv` (index fed only by the engines' own
 //! events), `kv-approx` (no events: the approximate index learns from routing
-//! decisions) and `oracle`: the hit rate of one cache pooling every worker's
-//! capacity under the same LRU policy, as if any request could use any block
-//! anywhere, with no load balance and no concurrency: a bound on reuse, not a
-//! router (it has no latencies).
+//! decisions), `kv-sticky` (events, prefix families kept together within a
+//! load bound; [`kvrouter_core::sticky`]) and `oracle`: the hit rate of one
+//! cache pooling every worker's capacity under the same LRU policy, as if any
+//! request could use any block anywhere, with no load balance and no
+//! concurrency: a bound on reuse, not a router (it has no latencies).
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashSet};
@@ -28,7 +29,7 @@ use kvrouter_core::hash::{LocalBlockHash, SequenceHash};
 use kvrouter_core::index::{ApproxIndex, KvIndex, RadixIndex};
 use kvrouter_core::protocols::{RouterEvent, WorkerKey};
 use kvrouter_core::queue::{RouterQueue, all_saturated};
-use kvrouter_core::schedule::{Pipeline, RankFilter};
+use kvrouter_core::schedule::{KvPolicy, Pipeline, RankFilter};
 use kvrouter_core::selection::{choice_name, parse_choice};
 use kvrouter_core::sequences::SequenceTracker;
 use kvrouter_core::{KvRouterConfig, RouterMode};
@@ -52,17 +53,20 @@ pub enum SimMode {
     Kv,
     /// KV-aware without events (approximate index).
     KvApprox,
+    /// `kv-sticky`: prefix families kept together within a load bound (events).
+    KvSticky,
     /// Pooled-cache bound on reuse.
     Oracle,
 }
 
 impl SimMode {
     /// Every mode, by name.
-    pub const ALL: [(SimMode, &'static str); 5] = [
+    pub const ALL: [(SimMode, &'static str); 6] = [
         (SimMode::RoundRobin, "round-robin"),
         (SimMode::Random, "random"),
         (SimMode::Kv, "kv"),
         (SimMode::KvApprox, "kv-approx"),
+        (SimMode::KvSticky, "kv-sticky"),
         (SimMode::Oracle, "oracle"),
     ];
 }
@@ -177,9 +181,15 @@ pub fn run(
         .collect();
     let mut busy = vec![false; slots];
     // The live router's pipeline and index forms; `None` for the load-blind modes.
-    let pipeline = Pipeline::new(bs, cfg.router.clone());
+    let policy = match mode {
+        SimMode::KvSticky => KvPolicy::Sticky {
+            spill: cfg.router.router_sticky_spill,
+        },
+        _ => KvPolicy::Cost,
+    };
+    let pipeline = Pipeline::new(bs, cfg.router.clone()).with_policy(policy);
     let index: Option<Box<dyn KvIndex>> = match mode {
-        SimMode::Kv => Some(Box::new(Mutex::new(RadixIndex::new()))),
+        SimMode::Kv | SimMode::KvSticky => Some(Box::new(Mutex::new(RadixIndex::new()))),
         SimMode::KvApprox => Some(Box::new(Mutex::new(ApproxIndex::new(
             cfg.router.prune_config(),
         )))),
@@ -238,7 +248,7 @@ pub fn run(
                 let result = engines[w].finish_step();
                 rec.preempted(result.preempted);
                 // Only `kv` hears the engines; `kv-approx` learns from its own routing.
-                if let (SimMode::Kv, Some(index)) = (mode, &index) {
+                if let (SimMode::Kv | SimMode::KvSticky, Some(index)) = (mode, &index) {
                     for event in result.events {
                         // Counted in the index's stats; the report checks they are all clean.
                         let ev = RouterEvent::new(key_of(w).worker_id, event);
@@ -305,6 +315,7 @@ pub fn run(
                     };
                     let plan = pipeline.select_kv(
                         r.prompt_tokens,
+                        &r.local,
                         &params,
                         hashes,
                         &overlaps,

@@ -231,7 +231,7 @@ impl WorkerPool {
             DiscoveryEvent::Added(instance) => {
                 match serde_json::from_value::<WorkerMetadata>(instance.metadata.clone()) {
                     Ok(meta) => {
-                        if self.router.mode() == kvrouter_core::RouterMode::Kv
+                        if self.router.mode().kv_aware()
                             && meta.block_size as usize != self.router.block_size()
                         {
                             tracing::warn!(

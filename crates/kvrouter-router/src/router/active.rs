@@ -93,13 +93,7 @@ impl Drop for ActiveRequest {
 
 impl KvRouter {
     fn mark_prefill(&self, id: &str, w: WorkerKey) {
-        let mut st = self.state.lock();
-        if st.tracker.mark_prefill_completed(id).is_ok() {
-            self.observe_rank(&mut st, w);
-        }
-        drop(st);
-        self.publish(id, w, SyncData::MarkPrefillCompleted);
-        self.release_held();
+        self.load_fell(id, w, false);
     }
 
     fn output_block(&self, id: &str, w: WorkerKey, decay: Option<f64>) {
@@ -111,12 +105,26 @@ impl KvRouter {
     }
 
     fn free(&self, id: &str, w: WorkerKey) {
+        self.load_fell(id, w, true);
+    }
+
+    /// A request's prefill finished (or, `ended`, the request did): track it,
+    /// tell the replicas, and let the router queue release a held request.
+    fn load_fell(&self, id: &str, w: WorkerKey, ended: bool) {
         let mut st = self.state.lock();
-        if st.tracker.free(id).is_ok() {
+        let (applied, change) = if ended {
+            (st.tracker.free(id), SyncData::Free)
+        } else {
+            (
+                st.tracker.mark_prefill_completed(id),
+                SyncData::MarkPrefillCompleted,
+            )
+        };
+        if applied.is_ok() {
             self.observe_rank(&mut st, w);
         }
         drop(st);
-        self.publish(id, w, SyncData::Free);
+        self.publish(id, w, change);
         self.release_held();
     }
 }

@@ -24,7 +24,7 @@ use kvrouter_core::busy::{BusyMonitor, LoadThresholds, WorkerCapacity};
 use kvrouter_core::hash::LocalBlockHash;
 use kvrouter_core::index::{KvIndex, index_for, status_label};
 use kvrouter_core::protocols::{ActiveLoad, KvCacheEventData, WorkerId};
-use kvrouter_core::schedule::{Pipeline, Plan};
+use kvrouter_core::schedule::{KvPolicy, Pipeline, Plan};
 use kvrouter_core::sequences::SequenceTracker;
 use kvrouter_core::{
     KvRouterConfig, OverlapScores, RouterConfigOverride, RouterEvent, RouterMode, WorkerKey,
@@ -172,13 +172,19 @@ impl KvRouter {
         metrics: RouterMetrics,
     ) -> Arc<Self> {
         let block_size = block_size.max(2) as usize;
+        let policy = match mode {
+            RouterMode::KvSticky => KvPolicy::Sticky {
+                spill: config.router_sticky_spill,
+            },
+            _ => KvPolicy::Cost,
+        };
         Arc::new(Self {
             removed: parking_lot::RwLock::new(HashSet::new()),
             sync: parking_lot::RwLock::new(None),
             mode,
             index: index_for(&config),
             queue: Mutex::new(queue::Queue::new(&config)),
-            pipeline: Pipeline::new(block_size, config),
+            pipeline: Pipeline::new(block_size, config).with_policy(policy),
             state: Mutex::new(State {
                 tracker: SequenceTracker::new(block_size),
                 busy: BusyMonitor::new(thresholds),

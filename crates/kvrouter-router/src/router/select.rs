@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use kvrouter_core::busy::LoadThresholds;
 use kvrouter_core::schedule::RankFilter;
-use kvrouter_core::{RouterMode, SelectionError, WorkerKey};
+use kvrouter_core::{SelectionError, WorkerKey};
 
 use super::{ActiveRequest, KvRouter, RouteError, RouteQuery, Routing, State, Workers};
 use crate::sync::{AddRequest, SyncData};
@@ -35,7 +35,7 @@ impl KvRouter {
             self.metrics.total_ms.observe(ms(started));
             self.metrics.isl.observe(r.isl as f64);
             let blocks = r.isl / self.block_size();
-            if blocks > 0 && self.mode == RouterMode::Kv {
+            if blocks > 0 && self.mode.kv_aware() {
                 self.metrics
                     .kv_hit_rate
                     .observe(f64::from(r.overlap_blocks) / blocks as f64);
@@ -59,7 +59,7 @@ impl KvRouter {
         }
         let isl = q.tokens.len();
         let p = &self.pipeline;
-        if self.mode != RouterMode::Kv {
+        if !self.mode.kv_aware() {
             let st = &mut *self.state.lock();
             let ranks = eligible_ranks(st, q);
             let busy = st.busy.busy_workers();
@@ -90,6 +90,7 @@ impl KvRouter {
         };
         let plan = p.select_kv(
             isl,
+            &local,
             &params,
             seq_hashes,
             &overlaps,
@@ -138,7 +139,7 @@ impl KvRouter {
             .selected
             .with_label_values(&[&routing.worker.worker_id.to_string()])
             .inc();
-        let tracked = self.mode == RouterMode::Kv;
+        let tracked = self.mode.kv_aware();
         if tracked {
             let mut st = self.state.lock();
             let added = self.pipeline.commit(

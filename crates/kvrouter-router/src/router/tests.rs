@@ -238,3 +238,50 @@ async fn queue_off_or_unsaturated_grants_at_once() {
     let _t = off.turn(10, Default::default()).await;
     assert_eq!(off.metrics().queue_depth.get(), 0);
 }
+
+/// The same cached, loaded worker: `kv` trades its cache for load, `kv-sticky`
+/// keeps the family there while the load is within its bound.
+#[test]
+fn kv_sticky_keeps_a_cached_family_that_kv_moves() {
+    use kvrouter_core::hash::{block_hashes, sequence_hashes};
+    use kvrouter_core::protocols::{KvCacheEvent, KvCacheEventData, KvCacheStoreData};
+    let prompt: Vec<u32> = (0..64).collect();
+    let pick = |mode| {
+        let r = router(mode, KvRouterConfig::default());
+        let local = block_hashes(&prompt, 4);
+        let data = KvCacheStoreData::root_chain(&local, &sequence_hashes(&local));
+        r.apply_event(&RouterEvent::new(
+            1,
+            KvCacheEvent {
+                event_id: 1,
+                data: KvCacheEventData::Stored(data),
+                dp_rank: 0,
+            },
+        ));
+        // Two decoding requests of 40 tokens on worker 1.
+        let mut held = Vec::new();
+        for k in 0..2u32 {
+            let other: Vec<u32> = (1000 * (k + 1)..1000 * (k + 1) + 40).collect();
+            let q = RouteQuery {
+                tokens: &other,
+                worker_id: Some(1),
+                ..Default::default()
+            };
+            let mut g = r.begin(format!("busy{k}"), &r.select(&q).unwrap(), None);
+            g.on_tokens(1);
+            held.push(g);
+        }
+        let q = RouteQuery {
+            tokens: &prompt,
+            ..Default::default()
+        };
+        r.select(&q).unwrap()
+    };
+    let kv = pick(RouterMode::Kv);
+    assert_ne!(
+        kv.worker.worker_id, 1,
+        "kv moves the family off its loaded worker"
+    );
+    let sticky = pick(RouterMode::KvSticky);
+    assert_eq!((sticky.worker.worker_id, sticky.overlap_blocks), (1, 16));
+}

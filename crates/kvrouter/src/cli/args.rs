@@ -269,6 +269,10 @@ pub struct KvArgs {
     /// Threads applying KV events.
     #[arg(long, default_value_t = 1, help_heading = "KV router")]
     pub router_event_threads: u32,
+    /// kv-sticky: a worker keeps its prefix families while its cost is within
+    /// (1 + this) × the mean cost plus one request.
+    #[arg(long, default_value_t = kvrouter_core::sticky::DEFAULT_SPILL, allow_negative_numbers = true, help_heading = "KV router")]
+    pub router_sticky_spill: f64,
 }
 
 /// The router queue (frontend only).

@@ -142,6 +142,7 @@ pub const ENV: &[EnvVar] = &[
         &["DYN_ROUTER_PRUNE_TARGET_RATIO"],
     ),
     value("router_event_threads", &["DYN_ROUTER_EVENT_THREADS"]),
+    value("router_sticky_spill", &["DYN_ROUTER_STICKY_SPILL"]),
     value("router_queue_threshold", &["DYN_ROUTER_QUEUE_THRESHOLD"]),
     value("router_queue_policy", &["DYN_ROUTER_QUEUE_POLICY"]),
     // Busy thresholds.

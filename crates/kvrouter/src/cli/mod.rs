@@ -275,8 +275,8 @@ pub struct SimArgs {
         default_value_t = 8
     )]
     pub sim_workers: u32,
-    /// Routing modes to compare (comma-separated): round-robin, random, kv, kv-approx, oracle.
-    #[arg(long = "router-mode", id = "sim_router_mode", value_delimiter = ',', num_args = 1.., value_parser = parse_sim_mode, default_value = "round-robin,random,kv,kv-approx,oracle")]
+    /// Routing modes to compare (comma-separated): round-robin, random, kv, kv-approx, kv-sticky, oracle.
+    #[arg(long = "router-mode", id = "sim_router_mode", value_delimiter = ',', num_args = 1.., value_parser = parse_sim_mode, default_value = "round-robin,random,kv,kv-approx,kv-sticky,oracle")]
     pub sim_router_mode: Vec<kvrouter_mocker::sim::SimMode>,
     /// Arrival-rate multiplier (2 = requests arrive twice as fast as recorded).
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]

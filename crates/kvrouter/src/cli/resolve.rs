@@ -3,9 +3,9 @@
 use std::path::Path;
 
 use clap::CommandFactory;
+use kvrouter_core::KvRouterConfig;
 use kvrouter_core::busy::LoadThresholds;
 use kvrouter_core::config::ConfigError;
-use kvrouter_core::{KvRouterConfig, RouterMode};
 use kvrouter_mocker::sim::SimMode;
 use serde_json::{Map, Value, json};
 
@@ -59,6 +59,7 @@ fn config_args(field: &str) -> &'static [&'static str] {
         "router_queue_threshold" => &["router_queue_threshold"],
         "router_queue_policy" => &["router_queue_policy"],
         "router_event_threads" => &["router_event_threads"],
+        "router_sticky_spill" => &["router_sticky_spill"],
         "enable_prefix_caching" => &["enable_prefix_caching", "no_enable_prefix_caching"],
         "enable_chunked_prefill" => &["enable_chunked_prefill", "no_enable_chunked_prefill"],
         "block_size" => &["block_size", "router_block_size", "kv_cache_block_size"],
@@ -86,6 +87,7 @@ fn kv_config(kv: &KvArgs, queue: Option<&QueueArgs>) -> KvRouterConfig {
         router_queue_threshold: queue.and_then(|q| q.router_queue_threshold),
         router_queue_policy: queue.map_or_else(Default::default, |q| q.router_queue_policy),
         router_event_threads: kv.router_event_threads,
+        router_sticky_spill: kv.router_sticky_spill,
     }
 }
 
@@ -252,6 +254,7 @@ impl Parsed {
             Command::Router(a) => {
                 let sub = "router";
                 runtime_problems(sub, &a.runtime, &mut p);
+                sticky_problems(sub, false, &explicit, &mut p);
                 if !valid_endpoint(&a.endpoint) {
                     p.push(Problem {
                         flags: vec![flag(sub, "endpoint")],
@@ -454,13 +457,15 @@ impl Parsed {
                         message: "must be at least 1".into(),
                     });
                 }
-                let queued = [SimMode::Kv, SimMode::KvApprox];
+                let sticky = a.sim_router_mode.contains(&SimMode::KvSticky);
+                sticky_problems(sub, sticky, &explicit, &mut p);
+                let queued = [SimMode::Kv, SimMode::KvApprox, SimMode::KvSticky];
                 if a.queue.router_queue_threshold.is_some()
                     && !a.sim_router_mode.iter().any(|m| queued.contains(m))
                 {
                     p.push(Problem {
                         flags: vec![flag(sub, "router_queue_threshold"), flag(sub, "sim_router_mode")],
-                        message: "the router queue applies to the kv and kv-approx modes; none is simulated".into(),
+                        message: "the router queue applies to the kv, kv-approx and kv-sticky modes; none is simulated".into(),
                     });
                 }
                 if a.queue.router_queue_threshold.is_none() && explicit("router_queue_policy") {
@@ -648,6 +653,8 @@ fn frontend_settings(
         });
     }
     queue_problems(sub, a, explicit, p);
+    let sticky = a.routing.router_mode == kvrouter_core::RouterMode::KvSticky;
+    sticky_problems(sub, sticky, explicit, p);
     if let Some(bs) = a.routing.kv_cache_block_size
         && bs < 2
     {
@@ -687,6 +694,21 @@ fn frontend_settings(
     )
 }
 
+/// `--router-sticky-spill` only tunes `kv-sticky`: refused anywhere else.
+fn sticky_problems(sub: &str, sticky: bool, explicit: &dyn Fn(&str) -> bool, p: &mut Vec<Problem>) {
+    if !sticky && explicit("router_sticky_spill") {
+        let how = if sub == "router" {
+            "the standalone router routes by the kv cost"
+        } else {
+            "it tunes --router-mode kv-sticky, which is not selected"
+        };
+        p.push(Problem {
+            flags: vec![flag(sub, "router_sticky_spill")],
+            message: how.into(),
+        });
+    }
+}
+
 /// The router queue applies only where this frontend's own KV router picks
 /// workers whose batch size it knows; anywhere else the flags would do nothing.
 fn queue_problems(
@@ -705,7 +727,7 @@ fn queue_problems(
         }
         return;
     }
-    let why = if a.routing.router_mode != RouterMode::Kv {
+    let why = if !a.routing.router_mode.kv_aware() {
         Some((
             "router_mode",
             "the queue waits on the KV router's load model: it needs --router-mode kv",

@@ -378,6 +378,13 @@ fn flag_rows() -> Vec<(
             json!(4),
         ),
         (
+            "router_sticky_spill",
+            "frontend",
+            vec!["--router-mode", "kv-sticky", "--router-sticky-spill", "0.5"],
+            "router_sticky_spill",
+            json!(0.5),
+        ),
+        (
             "router_queue_threshold",
             "frontend",
             vec!["--router-mode", "kv", "--router-queue-threshold", "2"],
@@ -1036,6 +1043,21 @@ fn every_validation_rule_names_its_flags() {
             "--router-queue-threshold + --engine",
         ),
         ("frontend", &["--router-queue-policy", "lifo"], ""),
+        (
+            "frontend",
+            &["--router-mode", "kv", "--router-sticky-spill", "0.5"],
+            "--router-sticky-spill: it tunes --router-mode kv-sticky",
+        ),
+        (
+            "router",
+            &["--router-sticky-spill", "0.5"],
+            "--router-sticky-spill: the standalone router",
+        ),
+        (
+            "frontend",
+            &["--router-mode", "kv-sticky", "--router-sticky-spill", "-1"],
+            "--router-sticky-spill:",
+        ),
     ];
     for (sub, tail, needle) in cases {
         if needle.is_empty() {
