@@ -167,8 +167,8 @@ pub async fn start(
 ) -> Result<MockWorker, ServeError> {
     let cancel = CancellationToken::new();
     let ranks = cfg.data_parallel_size.max(1);
-    let events_subject = endpoint.subject("kv-events");
-    let load_subject = format!("namespace.{}.kv_metrics", endpoint.namespace);
+    let events_subject = kvrouter_runtime::subjects::kv_events(endpoint);
+    let load_subject = kvrouter_runtime::subjects::kv_metrics(&endpoint.namespace);
     let durable = if cfg.durable_kv_events {
         let client = node
             .nats

@@ -36,7 +36,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::workers::{kv_events_subject, kv_metrics_subject};
+use kvrouter_runtime::subjects::{
+    kv_events as kv_events_subject, kv_metrics as kv_metrics_subject,
+};
 
 /// What the sidecar registers and follows.
 #[derive(Debug, Clone)]

@@ -28,15 +28,9 @@ use crate::router::{ActiveRequest, KvRouter, RouteError, RouteQuery};
 use crate::sync::ActiveSequenceEvent;
 use kvrouter_core::llm::{LlmEngineOutput, PreprocessedRequest};
 
-/// Subject of an endpoint's KV events.
-pub fn kv_events_subject(endpoint: &EndpointId) -> String {
-    endpoint.subject("kv-events")
-}
-
-/// Subject of a namespace's load reports.
-pub fn kv_metrics_subject(namespace: &str) -> String {
-    format!("namespace.{namespace}.kv_metrics")
-}
+use kvrouter_runtime::subjects::{
+    kv_events as kv_events_subject, kv_metrics as kv_metrics_subject,
+};
 
 /// Applies every decodable JSON message of `sub` with `apply` until `cancel`;
 /// the others are counted (`dynamo_kvrouter_kv_cache_events_rejected{reason}`),
@@ -191,7 +185,7 @@ impl WorkerPool {
 
     /// Publishes this router's active-sequence changes and applies the other replicas'.
     async fn start_replica_sync(self: &Arc<Self>, cancel: CancellationToken) -> Result<(), String> {
-        let subject = self.endpoint.subject("active_sequences_events");
+        let subject = kvrouter_runtime::subjects::active_sequences(&self.endpoint);
         let incoming = self
             .node
             .events

@@ -9,7 +9,8 @@
 //! - [`request`]: one request in, a stream of responses out, with back-pressure
 //!   and cancellation (multiplexed TCP).
 //!
-//! Addresses are [`endpoint::EndpointId`]s; wire formats are documented in
+//! Addresses are [`endpoint::EndpointId`]s; every event-plane subject name is
+//! in [`subjects`]; wire formats are documented in
 //! `docs/runtime.md`.
 
 #![deny(missing_docs)]
@@ -19,6 +20,7 @@ pub mod endpoint;
 pub mod events;
 pub mod node;
 pub mod request;
+pub mod subjects;
 pub mod testing;
 
 /// The NATS client the planes use (re-exported so services share its version).

@@ -43,13 +43,10 @@ pub struct DurableNames {
 impl DurableNames {
     /// The names for `endpoint`'s component.
     pub fn of(endpoint: &EndpointId) -> Self {
-        let subject = endpoint.subject("kv-events");
+        let subject = crate::subjects::kv_events(endpoint);
         Self {
             stream: slug(&subject),
-            bucket: slug(&format!(
-                "namespace.{}.component.{}-radix-bucket",
-                endpoint.namespace, endpoint.component
-            )),
+            bucket: slug(&crate::subjects::radix_bucket(endpoint)),
             subject,
         }
     }
