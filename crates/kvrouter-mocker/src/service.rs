@@ -349,6 +349,7 @@ async fn rank_loop(
                 None => events.publish(&events_subject, bytes).await,
             };
             if let Err(e) = published {
+                stats.publish_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, "KV event not published");
             }
         }
@@ -356,7 +357,10 @@ async fn rank_loop(
         if last_load != Some(load) {
             last_load = Some(load);
             let bytes = serde_json::to_vec(&load).expect("load serializes");
-            let _ = events.publish(&load_subject, Bytes::from(bytes)).await;
+            if let Err(e) = events.publish(&load_subject, Bytes::from(bytes)).await {
+                stats.publish_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "load report not published");
+            }
         }
     }
 }

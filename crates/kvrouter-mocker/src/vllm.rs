@@ -201,6 +201,8 @@ pub struct RankStats {
     pub prefix_queries: AtomicU64,
     /// Of those, tokens found cached.
     pub prefix_hits: AtomicU64,
+    /// KV events and load reports the event plane refused.
+    pub publish_errors: AtomicU64,
 }
 
 /// The ranks' load in vLLM's metric names (labels `engine`, `model_name`).
@@ -208,7 +210,7 @@ pub fn prometheus_text(model: &str, block_size: usize, ranks: &[Arc<RankStats>])
     use std::fmt::Write;
     let mut out = String::new();
     type Read = fn(&RankStats) -> f64;
-    let families: [(&str, &str, Read); 5] = [
+    let families: [(&str, &str, Read); 6] = [
         ("vllm:num_requests_running", "gauge", |s| {
             s.running.load(Ordering::Relaxed) as f64
         }),
@@ -224,6 +226,9 @@ pub fn prometheus_text(model: &str, block_size: usize, ranks: &[Arc<RankStats>])
         }),
         ("vllm:prefix_cache_hits_total", "counter", |s| {
             s.prefix_hits.load(Ordering::Relaxed) as f64
+        }),
+        ("kvrouter_mocker_publish_errors_total", "counter", |s| {
+            s.publish_errors.load(Ordering::Relaxed) as f64
         }),
     ];
     for (name, kind, f) in families {
@@ -296,7 +301,11 @@ mod tests {
         s.running.store(2, Ordering::Relaxed);
         s.kv_used_blocks.store(25, Ordering::Relaxed);
         s.kv_total_blocks.store(100, Ordering::Relaxed);
+        s.publish_errors.store(3, Ordering::Relaxed);
         let text = prometheus_text("m", 16, &[s]);
+        assert!(
+            text.contains("kvrouter_mocker_publish_errors_total{engine=\"0\",model_name=\"m\"} 3")
+        );
         assert!(text.contains("vllm:num_requests_running{engine=\"0\",model_name=\"m\"} 2"));
         assert!(text.contains("vllm:kv_cache_usage_perc{engine=\"0\",model_name=\"m\"} 0.25"));
         assert!(text.contains("block_size=\"16\""));
