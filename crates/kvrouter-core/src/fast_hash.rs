@@ -27,6 +27,16 @@ pub(crate) fn edge_hash(parent: u32, local: u64) -> u64 {
     fold_mul(local ^ K1, (parent as u64) ^ K3)
 }
 
+/// splitmix64's finaliser: a full-avalanche mix of one word, for choices that
+/// must spread evenly (rendezvous homes, hash-ring points).
+#[inline]
+pub(crate) fn mix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
 /// `Hasher` for integer keys (see the module docs).
 #[derive(Default, Clone, Copy)]
 pub(crate) struct IntHasher(u64);

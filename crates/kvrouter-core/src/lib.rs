@@ -24,6 +24,8 @@
 //!   shared by the live router and the simulator.
 //! - [`queue`]: the router queue's saturation test and release order.
 //! - [`sticky`]: `kv-sticky`, prefix families kept together within a load bound.
+//! - [`peers`]: other routers' documented policies (sglang-router
+//!   `cache_aware`, SMG `prefix_hash`, llm-d's scorers), baselines for the simulator.
 //! - [`busy`]: busy thresholds and overload detection.
 //! - [`llm`]: the tokenized request and engine output exchanged with workers.
 //! - [`error`]: the typed error that crosses process and engine boundaries.
@@ -37,6 +39,7 @@ mod fast_hash;
 pub mod hash;
 pub mod index;
 pub mod llm;
+pub mod peers;
 pub mod protocols;
 pub mod queue;
 pub mod schedule;

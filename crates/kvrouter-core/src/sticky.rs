@@ -21,6 +21,7 @@
 //! If the bound excludes every rank (it cannot: the cheapest is always within
 //! it) the cheapest is taken.
 
+use crate::fast_hash::mix64;
 use crate::selection::{Candidate, Decision, RouteRequest, SelectionError, cost};
 
 /// Default `spill`: a rank may run 5% above the mean cost (plus one request).
@@ -82,12 +83,7 @@ pub fn select_sticky(
 /// and go (only the families homed on a leaving rank move).
 fn rendezvous(home: u64, c: &Candidate) -> u64 {
     let k = c.worker;
-    let mut x = home ^ k.worker_id.rotate_left(17) ^ u64::from(k.dp_rank).rotate_left(41);
-    // splitmix64 finaliser: a full-avalanche mix of the pair.
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
+    mix64(home ^ k.worker_id.rotate_left(17) ^ u64::from(k.dp_rank).rotate_left(41))
 }
 
 #[cfg(test)]
@@ -117,7 +113,12 @@ mod tests {
         // Worker 1 caches 3 of 4 blocks but carries 20 more decode blocks than
         // worker 2: the kv cost leaves it, the sticky policy does not.
         let cs = [cand(1, 3, 16, 120), cand(2, 0, 64, 100)];
-        let kv = crate::selection::select_kv(&REQ, &cs, &mut rand::rng()).unwrap();
+        let kv = crate::selection::select_kv(
+            &REQ,
+            &cs,
+            &mut <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0),
+        )
+        .unwrap();
         assert_eq!(kv.worker.worker_id, 2);
         let d = select_sticky(&REQ, &cs, 7, DEFAULT_SPILL).unwrap();
         assert_eq!((d.worker.worker_id, d.overlap_blocks), (1, 3));

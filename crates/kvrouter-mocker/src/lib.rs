@@ -25,5 +25,6 @@ pub mod perf;
 pub mod report;
 pub mod service;
 pub mod sim;
+pub mod synth;
 pub mod trace;
 pub mod vllm;

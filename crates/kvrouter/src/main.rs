@@ -50,7 +50,7 @@ fn run(parsed: Parsed) -> ExitCode {
         Command::Serve(a) => a.frontend.runtime.check_config,
         Command::Call(a) => a.runtime.check_config,
         Command::Engine(a) => a.runtime.check_config,
-        Command::Sim(_) | Command::Bench(_) => false,
+        Command::Sim(_) | Command::SynthTrace(_) | Command::Bench(_) => false,
     };
     let dump_to = match &parsed.command {
         Command::Frontend(a) => a.runtime.dump_config_to.clone(),
@@ -60,7 +60,7 @@ fn run(parsed: Parsed) -> ExitCode {
         Command::Serve(a) => a.frontend.runtime.dump_config_to.clone(),
         Command::Call(a) => a.runtime.dump_config_to.clone(),
         Command::Engine(a) => a.runtime.dump_config_to.clone(),
-        Command::Sim(_) | Command::Bench(_) => None,
+        Command::Sim(_) | Command::SynthTrace(_) | Command::Bench(_) => None,
     };
     if let Some(path) = dump_to {
         let doc = parsed.dump(&resolved);
@@ -90,6 +90,7 @@ fn run(parsed: Parsed) -> ExitCode {
                 .expect("sim resolves a router config");
             sim::run(&args, config)
         }
+        Command::SynthTrace(args) => sim::synth_trace(&args),
         Command::Serve(args) => services::serve(
             &args,
             resolved

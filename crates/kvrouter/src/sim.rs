@@ -1,4 +1,5 @@
-//! `kvrouter sim`: load a trace, replay it once per routing mode, report.
+//! `kvrouter sim`: load a trace, replay it once per routing mode, report; and
+//! `kvrouter synth-trace`, which writes the synthetic traces it replays.
 
 use std::process::ExitCode;
 
@@ -9,7 +10,7 @@ use kvrouter_mocker::report::{self, ModeReport};
 use kvrouter_mocker::sim::{self, SimConfig};
 use kvrouter_mocker::trace;
 
-use crate::cli::SimArgs;
+use crate::cli::{SimArgs, SynthTraceArgs};
 
 /// Runs the comparison and prints the table (and JSON / SVG when asked).
 pub fn run(args: &SimArgs, router: KvRouterConfig) -> anyhow::Result<ExitCode> {
@@ -60,5 +61,25 @@ pub fn run(args: &SimArgs, router: KvRouterConfig) -> anyhow::Result<ExitCode> {
         std::fs::write(path, report::svg(&reports, &title))
             .with_context(|| format!("writing {}", path.display()))?;
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes the synthetic trace `args` names, one JSON object per line.
+pub fn synth_trace(args: &SynthTraceArgs) -> anyhow::Result<ExitCode> {
+    let trace =
+        kvrouter_mocker::synth::generate(args.shape, args.requests, args.rate, args.synth_seed);
+    let mut text = String::new();
+    for r in &trace {
+        text += &serde_json::to_string(r)?;
+        text.push('\n');
+    }
+    std::fs::write(&args.out, text).with_context(|| format!("writing {}", args.out.display()))?;
+    let span = trace.last().map_or(0, |r| r.timestamp) as f64 / 1000.0;
+    eprintln!(
+        "kvrouter synth-trace: {} {} requests over {span:.0} s written to {}",
+        trace.len(),
+        args.shape,
+        args.out.display()
+    );
     Ok(ExitCode::SUCCESS)
 }

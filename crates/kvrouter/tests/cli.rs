@@ -257,3 +257,81 @@ fn bad_engine_flags_exit_2_naming_them() {
         String::from_utf8_lossy(&ok.stderr)
     );
 }
+
+#[test]
+fn synth_trace_feeds_sim_and_every_peer_policy_runs() {
+    let dir = std::env::temp_dir().join(format!("kvrouter-synth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let trace = dir.join("t.jsonl");
+    let bad = kvrouter()
+        .args(["synth-trace", "--shape", "sessions", "--rate", "0", "--out"])
+        .arg(&trace)
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--rate"));
+    let out = kvrouter()
+        .args([
+            "synth-trace",
+            "--shape",
+            "large-families",
+            "--requests",
+            "300",
+            "--rate",
+            "4",
+            "--seed",
+            "3",
+            "--out",
+        ])
+        .arg(&trace)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&trace).unwrap().lines().count(),
+        300
+    );
+    let json = dir.join("r.json");
+    let out = kvrouter()
+        .args(["sim", "--no-progress", "--workers", "4", "--router-mode"])
+        .arg("round-robin,sglang-cache-aware,prefix-hash,llm-d,oracle")
+        .arg("--trace")
+        .arg(&trace)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reports: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let hit = |mode: &str| {
+        let r = reports
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["mode"] == mode)
+            .unwrap_or_else(|| panic!("{mode} missing"));
+        assert_eq!(r["requests"], 300, "{mode}");
+        assert_eq!(r["kv_event_errors"], 0, "{mode}");
+        r["hit_rate"].as_f64().unwrap()
+    };
+    // 32 long shared prefixes over 4 roomy caches: every prefix-aware policy
+    // reuses far more than round-robin, and none beats the pooled bound.
+    let (rr, oracle) = (hit("round-robin"), hit("oracle"));
+    for mode in ["sglang-cache-aware", "prefix-hash", "llm-d"] {
+        let h = hit(mode);
+        assert!(
+            h > rr && h <= oracle + 1e-9,
+            "{mode}: {h} vs rr {rr}, oracle {oracle}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -109,6 +109,9 @@ impl KvIndex for Mutex<ApproxIndex> {
     fn current_size(&self) -> usize {
         self.lock().current_size()
     }
+    fn worker_size(&self, key: WorkerKey) -> Option<usize> {
+        Some(self.lock().tree().worker_size(key))
+    }
     fn event_errors(&self) -> u64 {
         self.lock().tree().stats().errors()
     }

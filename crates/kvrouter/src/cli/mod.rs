@@ -64,6 +64,8 @@ pub enum Command {
     Engine(EngineCmdArgs),
     /// Offline simulator: replay a trace through N mock engines under each routing mode.
     Sim(SimArgs),
+    /// Write a synthetic Mooncake-style trace with a chosen prefix-sharing shape.
+    SynthTrace(SynthTraceArgs),
     /// Send one request to any endpoint and print the streamed responses as JSON lines.
     Call(CallArgs),
     /// Benchmarks (release builds; results are JSON lines on stdout).
@@ -275,8 +277,8 @@ pub struct SimArgs {
         default_value_t = 8
     )]
     pub sim_workers: u32,
-    /// Routing modes to compare (comma-separated): round-robin, random, kv, kv-approx, kv-sticky, oracle.
-    #[arg(long = "router-mode", id = "sim_router_mode", value_delimiter = ',', num_args = 1.., value_parser = parse_sim_mode, default_value = "round-robin,random,kv,kv-approx,kv-sticky,oracle")]
+    /// Routing modes to compare (comma-separated): round-robin, random, kv, kv-approx, kv-sticky, sglang-cache-aware, prefix-hash, llm-d, oracle.
+    #[arg(long = "router-mode", id = "sim_router_mode", value_delimiter = ',', num_args = 1.., value_parser = parse_sim_mode, default_value = "round-robin,random,kv,kv-approx,kv-sticky,sglang-cache-aware,prefix-hash,llm-d,oracle")]
     pub sim_router_mode: Vec<kvrouter_mocker::sim::SimMode>,
     /// Arrival-rate multiplier (2 = requests arrive twice as fast as recorded).
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
@@ -305,6 +307,35 @@ pub struct SimArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub queue: QueueArgs,
+}
+
+/// `kvrouter synth-trace`: a seeded synthetic trace for `kvrouter sim --trace`.
+#[derive(Debug, Clone, Args)]
+pub struct SynthTraceArgs {
+    /// Sharing structure: small-families, large-families or sessions.
+    #[arg(long, value_parser = parse_shape)]
+    pub shape: kvrouter_mocker::synth::Shape,
+    /// Requests to write.
+    #[arg(long, value_name = "N", default_value_t = 8000)]
+    pub requests: usize,
+    /// Mean arrivals per second.
+    #[arg(
+        long,
+        value_name = "PER_S",
+        default_value_t = 10.0,
+        allow_negative_numbers = true
+    )]
+    pub rate: f64,
+    /// Seed: a shape, a size, a rate and a seed name one trace.
+    #[arg(long = "seed", id = "synth_seed", default_value_t = 0)]
+    pub synth_seed: u64,
+    /// Where to write the JSONL trace.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+fn parse_shape(s: &str) -> Result<kvrouter_mocker::synth::Shape, String> {
+    s.parse()
 }
 
 fn parse_sim_mode(s: &str) -> Result<kvrouter_mocker::sim::SimMode, String> {

@@ -563,6 +563,21 @@ impl Parsed {
                     a.runtime.store_kv.or(Some(StoreKv::Etcd)),
                 )
             }
+            Command::SynthTrace(a) => {
+                let sub = "synth-trace";
+                positive(sub, "rate", a.rate, 0.0, &mut p);
+                if a.requests < 1 {
+                    p.push(Problem {
+                        flags: vec![flag(sub, "requests")],
+                        message: "must be at least 1".into(),
+                    });
+                }
+                put(json!({
+                    "shape": a.shape.to_string(), "requests": a.requests, "rate": a.rate,
+                    "synth_seed": a.synth_seed, "out": a.out,
+                }));
+                (sub, None, None, None, None)
+            }
             Command::Bench(_) => {
                 return Ok(Resolved {
                     subcommand: "bench",

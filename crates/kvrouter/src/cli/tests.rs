@@ -21,6 +21,7 @@ fn base(sub: &str) -> Vec<&'static str> {
         "global-router" => vec!["--config", "tests/pools.json", "--model-name", "m"],
         "sim" => vec!["--trace", "Cargo.toml"],
         "engine" => vec!["--url", "http://127.0.0.1:8101"],
+        "synth-trace" => vec!["--shape", "sessions", "--out", "t.jsonl"],
         _ => vec![],
     }
 }
@@ -659,6 +660,41 @@ fn flag_rows() -> Vec<(
             json!("o.svg"),
         ),
         ("seed", "sim", vec!["--seed", "9"], "seed", json!(9)),
+        (
+            "shape",
+            "synth-trace",
+            vec!["--shape", "large-families"],
+            "shape",
+            json!("large-families"),
+        ),
+        (
+            "requests",
+            "synth-trace",
+            vec!["--requests", "50"],
+            "requests",
+            json!(50),
+        ),
+        (
+            "rate",
+            "synth-trace",
+            vec!["--rate", "2.5"],
+            "rate",
+            json!(2.5),
+        ),
+        (
+            "synth_seed",
+            "synth-trace",
+            vec!["--seed", "4"],
+            "synth_seed",
+            json!(4),
+        ),
+        (
+            "out",
+            "synth-trace",
+            vec!["--out", "x.jsonl"],
+            "out",
+            json!("x.jsonl"),
+        ),
         (
             "no_progress",
             "sim",

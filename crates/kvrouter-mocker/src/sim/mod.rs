@@ -13,34 +13,37 @@
 //! Modes: `round-robin`, `random`, `kv` (index fed only by the engines' own
 //! events), `kv-approx` (no events: the approximate index learns from routing
 //! decisions), `kv-sticky` (events, prefix families kept together within a
-//! load bound; [`kvrouter_core::sticky`]) and `oracle`: the hit rate of one
-//! cache pooling every worker's capacity under the same LRU policy, as if any
-//! request could use any block anywhere, with no load balance and no
-//! concurrency: a bound on reuse, not a router (it has no latencies).
+//! load bound; [`kvrouter_core::sticky`]); the peers' documented policies
+//! `sglang-cache-aware`, `prefix-hash` and `llm-d` ([`kvrouter_core::peers`]);
+//! and `oracle` ([`oracle`]): the hit rate of one cache pooling every worker's
+//! capacity under the same LRU policy, a bound on reuse, not a router. How
+//! each mode picks a rank lives in [`route`].
 
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashSet};
+use std::collections::BinaryHeap;
 use std::fmt;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use indicatif::ProgressBar;
+use kvrouter_core::KvRouterConfig;
 use kvrouter_core::hash::{LocalBlockHash, SequenceHash};
-use kvrouter_core::index::{ApproxIndex, KvIndex, RadixIndex};
 use kvrouter_core::protocols::{RouterEvent, WorkerKey};
 use kvrouter_core::queue::{RouterQueue, all_saturated};
-use kvrouter_core::schedule::{KvPolicy, Pipeline, RankFilter};
 use kvrouter_core::selection::{choice_name, parse_choice};
 use kvrouter_core::sequences::SequenceTracker;
-use kvrouter_core::{KvRouterConfig, RouterMode};
-use parking_lot::Mutex;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
-use crate::blocks::{BlockManager, FullBlock};
+use crate::blocks::FullBlock;
 use crate::engine::{Engine, EngineConfig, EngineRequest};
 use crate::report::{ModeReport, Recorder};
 use crate::trace::{PromptBuilder, TraceRequest};
+
+mod oracle;
+mod route;
+
+use route::SimRouter;
 
 /// A routing mode under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,18 +58,27 @@ pub enum SimMode {
     KvApprox,
     /// `kv-sticky`: prefix families kept together within a load bound (events).
     KvSticky,
+    /// sglang-router / SMG `cache_aware` (approximate tree, imbalance gate).
+    SglangCacheAware,
+    /// SMG `prefix_hash`: consistent hashing of the prefix with bounded load.
+    PrefixHash,
+    /// llm-d's prefix, queue and KV-utilisation scorers (events).
+    Llmd,
     /// Pooled-cache bound on reuse.
     Oracle,
 }
 
 impl SimMode {
     /// Every mode, by name.
-    pub const ALL: [(SimMode, &'static str); 6] = [
+    pub const ALL: [(SimMode, &'static str); 9] = [
         (SimMode::RoundRobin, "round-robin"),
         (SimMode::Random, "random"),
         (SimMode::Kv, "kv"),
         (SimMode::KvApprox, "kv-approx"),
         (SimMode::KvSticky, "kv-sticky"),
+        (SimMode::SglangCacheAware, "sglang-cache-aware"),
+        (SimMode::PrefixHash, "prefix-hash"),
+        (SimMode::Llmd, "llm-d"),
         (SimMode::Oracle, "oracle"),
     ];
 }
@@ -166,7 +178,7 @@ pub fn run(
     progress: &ProgressBar,
 ) -> ModeReport {
     if mode == SimMode::Oracle {
-        return oracle(cfg, reqs, progress);
+        return oracle::oracle(cfg, reqs, progress);
     }
     let bs = cfg.engine.block_size;
     // One engine per (worker, rank); slot = worker × dp + rank.
@@ -180,25 +192,7 @@ pub fn run(
         })
         .collect();
     let mut busy = vec![false; slots];
-    // The live router's pipeline and index forms; `None` for the load-blind modes.
-    let policy = match mode {
-        SimMode::KvSticky => KvPolicy::Sticky {
-            spill: cfg.router.router_sticky_spill,
-        },
-        _ => KvPolicy::Cost,
-    };
-    let pipeline = Pipeline::new(bs, cfg.router.clone()).with_policy(policy);
-    let index: Option<Box<dyn KvIndex>> = match mode {
-        SimMode::Kv | SimMode::KvSticky => Some(Box::new(Mutex::new(RadixIndex::new()))),
-        SimMode::KvApprox => Some(Box::new(Mutex::new(ApproxIndex::new(
-            cfg.router.prune_config(),
-        )))),
-        _ => None,
-    };
-    let params = pipeline.params(None);
-    let no_busy = HashSet::new();
-    let all_ranks: Vec<WorkerKey> = (0..slots).map(key_of).collect();
-    let mut rr = 0usize;
+    let mut router = SimRouter::new(mode, bs, &cfg.router, (0..slots).map(key_of).collect());
     let mut tracker = SequenceTracker::new(bs);
     for s in 0..slots {
         tracker.add_worker(key_of(s));
@@ -233,7 +227,7 @@ pub fn run(
     let mut queue = cfg
         .router
         .router_queue_threshold
-        .filter(|_| index.is_some())
+        .filter(|_| router.queues())
         .map(|theta| {
             (
                 RouterQueue::new(cfg.router.router_queue_policy, instant(0.0)),
@@ -247,8 +241,9 @@ pub fn run(
             Ev::StepDone(w) => {
                 let result = engines[w].finish_step();
                 rec.preempted(result.preempted);
-                // Only `kv` hears the engines; `kv-approx` learns from its own routing.
-                if let (SimMode::Kv | SimMode::KvSticky, Some(index)) = (mode, &index) {
+                // Only modes fed by events hear the engines; the others learn
+                // from their own routing.
+                if let Some(index) = router.event_index() {
                     for event in result.events {
                         // Counted in the index's stats; the report checks they are all clean.
                         let ev = RouterEvent::new(key_of(w).worker_id, event);
@@ -289,56 +284,7 @@ pub fn run(
             };
             let r = &reqs[i];
             ids[i] = format!("r{i}");
-            let plan = match &index {
-                None => {
-                    let plain = match mode {
-                        SimMode::Random => RouterMode::Random,
-                        _ => RouterMode::RoundRobin,
-                    };
-                    let ranks = all_ranks.clone();
-                    pipeline.select_plain(
-                        plain,
-                        r.prompt_tokens,
-                        ranks,
-                        &no_busy,
-                        &mut rr,
-                        &mut rng,
-                    )
-                }
-                Some(index) => {
-                    let at = instant(now);
-                    let overlaps = pipeline.lookup(index.as_ref(), &r.local, at);
-                    let hashes = pipeline.tracking_hashes(&r.local, &params, &mut rng);
-                    let filter = RankFilter {
-                        allowed: None,
-                        busy: &no_busy,
-                    };
-                    let plan = pipeline.select_kv(
-                        r.prompt_tokens,
-                        &r.local,
-                        &params,
-                        hashes,
-                        &overlaps,
-                        &tracker,
-                        filter,
-                        &mut rng,
-                    );
-                    if let Ok(plan) = &plan {
-                        let _ = pipeline.commit(
-                            index.as_ref(),
-                            &mut tracker,
-                            &ids[i],
-                            &r.local,
-                            plan,
-                            None,
-                            at,
-                        );
-                    }
-                    plan
-                }
-            }
-            .expect("every simulated rank is a candidate");
-            let w = plan.worker.worker_id as usize * dp + plan.worker.dp_rank as usize;
+            let w = router.route(&ids[i], r, instant(now), &mut tracker, &engines, &mut rng);
             rec.routed(i, w);
             engines[w].add_request(EngineRequest {
                 id: i as u64,
@@ -362,44 +308,5 @@ pub fn run(
             }
         }
     }
-    rec.finish(index.map_or(0, |i| i.event_errors()))
-}
-
-/// The pooled-cache bound: one LRU cache of every worker's capacity.
-fn oracle(cfg: &SimConfig, reqs: &[SimRequest], progress: &ProgressBar) -> ModeReport {
-    let bs = cfg.engine.block_size;
-    let slots = cfg.workers * cfg.data_parallel_size.max(1);
-    let mut cache = BlockManager::new(slots * cfg.engine.num_gpu_blocks, true);
-    let mut rec = Recorder::new(SimMode::Oracle, reqs, slots);
-    for (i, r) in reqs.iter().enumerate() {
-        let names: Vec<u64> = r.seq.iter().map(|h| h.0).collect();
-        let mut cached = cache.cached_prefix(&names);
-        if cached * bs >= r.prompt_tokens {
-            cached = (r.prompt_tokens - 1) / bs;
-        }
-        rec.oracle_hit(i, (cached * bs).min(r.prompt_tokens));
-        // Use the request's blocks (prompt, then its unique output blocks), then release them.
-        for h in &names[..cached] {
-            cache.acquire(*h);
-        }
-        let total_blocks = (r.prompt_tokens + r.output_tokens).div_ceil(bs);
-        let mut held: Vec<u64> = names[..cached].to_vec();
-        for k in cached..total_blocks {
-            if !cache.allocate_partial() {
-                break;
-            }
-            let name = names
-                .get(k)
-                .copied()
-                .unwrap_or(((i as u64) << 24) ^ (k as u64) ^ 0x5eed_0000_0000_0000);
-            cache.promote(name);
-            held.push(name);
-        }
-        for h in held.iter().rev() {
-            cache.release(*h);
-        }
-        cache.take_events();
-        progress.inc(1);
-    }
-    rec.finish(0)
+    rec.finish(router.event_errors())
 }
