@@ -78,6 +78,14 @@ pub async fn start(
         let jitter = Duration::from_millis(900 + u64::from(consumer_name.len() as u32 % 200));
         let mut tick = tokio::time::interval(jitter);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        use backoff::backoff::Backoff;
+        // Consumer errors (NATS away, JetStream failing over) back off from
+        // 100 ms to 5 s instead of spinning; a delivered event resets it.
+        let mut retry = backoff::ExponentialBackoffBuilder::new()
+            .with_initial_interval(Duration::from_millis(100))
+            .with_max_interval(Duration::from_secs(5))
+            .with_max_elapsed_time(None)
+            .build();
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -90,9 +98,14 @@ pub async fn start(
                     None => break,
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, "durable consumer error");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        let wait = retry.next_backoff().unwrap_or(Duration::from_secs(5));
+                        tokio::select! {
+                            _ = cancel.cancelled() => break,
+                            _ = tokio::time::sleep(wait) => {}
+                        }
                     }
                     Some(Ok(d)) => {
+                        retry.reset();
                         match decode_router_event(&d.payload) {
                             Ok(ev) => router.apply_event(&ev),
                             Err(e) => {

@@ -170,6 +170,14 @@ impl Discovery for EtcdDiscovery {
             let _ = tx.send(DiscoveryEvent::Added(i.clone()));
         }
         tokio::spawn(async move {
+            use backoff::backoff::Backoff;
+            // Resyncs start 100 ms after a lost watch and back off to 5 s
+            // while etcd stays away (a replaced server, a partition).
+            let mut retry = backoff::ExponentialBackoffBuilder::new()
+                .with_initial_interval(Duration::from_millis(100))
+                .with_max_interval(Duration::from_secs(5))
+                .with_max_elapsed_time(None)
+                .build();
             loop {
                 let opts = WatchOptions::new()
                     .with_prefix()
@@ -210,12 +218,17 @@ impl Discovery for EtcdDiscovery {
                     return;
                 }
                 // Resync: re-read, report the difference, resume after the new revision.
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                let wait = retry.next_backoff().unwrap_or(Duration::from_secs(5));
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
                 match Self::snapshot(&mut client, &prefix).await {
                     Ok((now, rev)) => {
                         super::report_changes(&known, &now, &tx);
                         known = now;
                         revision = rev;
+                        retry.reset();
                     }
                     Err(e) => tracing::warn!(error = %e, "etcd resync failed; retrying"),
                 }

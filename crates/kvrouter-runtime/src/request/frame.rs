@@ -1,7 +1,7 @@
 //! Frames of the TCP request plane: `[len u32 BE][kind u8][id u64 BE][payload]`.
 
-use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio_util::codec::{Decoder, Encoder};
 
 /// Kind byte + request id.
 pub(crate) const HEADER: usize = 9;
@@ -71,70 +71,112 @@ pub enum FrameError {
     UnknownKind(u8),
 }
 
-/// Reads one frame; `Ok(None)` on a clean end of stream.
-pub(crate) async fn read<R: AsyncRead + Unpin>(
-    rd: &mut R,
+/// The request plane's codec for `tokio_util`'s `FramedRead` / `FramedWrite`:
+/// a frame is checked against the size limit and its header as soon as its
+/// length arrives, and decoded without copying its payload.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FrameCodec {
     max: usize,
-) -> Result<Option<Frame>, FrameError> {
-    let len = match rd.read_u32().await {
-        Ok(n) => n as usize,
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
-    if len > max {
-        return Err(FrameError::TooLarge(len));
-    }
-    if len < HEADER {
-        return Err(FrameError::TooShort(len));
-    }
-    let kind_byte = rd.read_u8().await?;
-    let kind = Kind::from_u8(kind_byte).ok_or(FrameError::UnknownKind(kind_byte))?;
-    let id = rd.read_u64().await?;
-    let mut payload = vec![0u8; len - HEADER];
-    rd.read_exact(&mut payload).await?;
-    Ok(Some(Frame {
-        kind,
-        id,
-        payload: payload.into(),
-    }))
 }
 
-/// Writes one frame (unflushed).
-pub(crate) async fn write<W: AsyncWrite + Unpin>(wr: &mut W, f: &Frame) -> std::io::Result<()> {
-    wr.write_u32((HEADER + f.payload.len()) as u32).await?;
-    wr.write_u8(f.kind as u8).await?;
-    wr.write_u64(f.id).await?;
-    wr.write_all(&f.payload).await
+impl FrameCodec {
+    /// A codec refusing frames over `max` bytes.
+    pub(crate) fn new(max: usize) -> Self {
+        Self { max }
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = Frame;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        let Some(len) = src.get(..4) else {
+            return Ok(None);
+        };
+        let len = u32::from_be_bytes(len.try_into().expect("four bytes")) as usize;
+        if len > self.max {
+            return Err(FrameError::TooLarge(len));
+        }
+        if len < HEADER {
+            return Err(FrameError::TooShort(len));
+        }
+        if src.len() < 4 + len {
+            src.reserve(4 + len - src.len());
+            return Ok(None);
+        }
+        src.advance(4);
+        let kind_byte = src.get_u8();
+        let kind = Kind::from_u8(kind_byte).ok_or(FrameError::UnknownKind(kind_byte))?;
+        let id = src.get_u64();
+        let payload = src.split_to(len - HEADER).freeze();
+        Ok(Some(Frame { kind, id, payload }))
+    }
+}
+
+impl Encoder<Frame> for FrameCodec {
+    type Error = std::io::Error;
+
+    fn encode(&mut self, f: Frame, dst: &mut BytesMut) -> std::io::Result<()> {
+        dst.reserve(4 + HEADER + f.payload.len());
+        dst.put_u32((HEADER + f.payload.len()) as u32);
+        dst.put_u8(f.kind as u8);
+        dst.put_u64(f.id);
+        dst.extend_from_slice(&f.payload);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    use futures::{SinkExt, StreamExt};
+    use tokio_util::codec::{FramedRead, FramedWrite};
+
+    async fn read_all(bytes: &[u8], max: usize) -> Vec<Result<Frame, FrameError>> {
+        FramedRead::new(bytes, FrameCodec::new(max)).collect().await
+    }
+
     #[tokio::test]
     async fn round_trip_and_rejections() {
         let mut buf = Vec::new();
         let f = Frame::new(Kind::Data, 42, Bytes::from_static(b"hello"));
-        write(&mut buf, &f).await.unwrap();
-        let mut rd = &buf[..];
-        assert_eq!(read(&mut rd, 1024).await.unwrap(), Some(f));
-        assert!(read(&mut rd, 1024).await.unwrap().is_none());
-        let mut big = &[0u8, 0, 4, 0][..];
+        let g = Frame::new(Kind::End, 43, Bytes::new());
+        let mut wr = FramedWrite::new(&mut buf, FrameCodec::new(1024));
+        wr.send(f.clone()).await.unwrap();
+        wr.send(g.clone()).await.unwrap();
+        let got: Vec<Frame> = read_all(&buf, 1024)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(got, vec![f, g], "both frames, then a clean end");
+        // Split anywhere, the same frames come out.
+        for cut in 1..buf.len() {
+            let (a, b) = buf.split_at(cut);
+            let chained = tokio::io::AsyncReadExt::chain(a, b);
+            let n = FramedRead::new(chained, FrameCodec::new(1024))
+                .count()
+                .await;
+            assert_eq!(n, 2, "cut at {cut}");
+        }
+        let first = |v: Vec<Result<Frame, FrameError>>| v.into_iter().next().unwrap();
         assert!(matches!(
-            read(&mut big, 100).await,
+            first(read_all(&[0u8, 0, 4, 0], 100).await),
             Err(FrameError::TooLarge(1024))
         ));
-        let mut short = &[0u8, 0, 0, 3, 1, 2, 3][..];
         assert!(matches!(
-            read(&mut short, 100).await,
+            first(read_all(&[0u8, 0, 0, 3, 1, 2, 3], 100).await),
             Err(FrameError::TooShort(3))
         ));
-        let mut odd = &[0u8, 0, 0, 9, 77, 0, 0, 0, 0, 0, 0, 0, 1][..];
         assert!(matches!(
-            read(&mut odd, 100).await,
+            first(read_all(&[0u8, 0, 0, 9, 77, 0, 0, 0, 0, 0, 0, 0, 1], 100).await),
             Err(FrameError::UnknownKind(77))
         ));
-        let mut cut = &[0u8, 0, 0, 20, 2, 0][..];
-        assert!(matches!(read(&mut cut, 100).await, Err(FrameError::Io(_))));
+        assert!(matches!(
+            first(read_all(&[0u8, 0, 0, 20, 2, 0], 100).await),
+            Err(FrameError::Io(_))
+        ));
     }
 }

@@ -23,13 +23,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use futures::stream::BoxStream;
-use tokio::io::{AsyncRead, AsyncWriteExt, BufReader, BufWriter};
+use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
+use frame::FrameCodec;
 pub use frame::{Frame, FrameError, Kind, MAX_FRAME_DEFAULT};
 pub use http::{HttpRequester, HttpResponseStream, http_router};
 pub use nats::{NatsRequester, NatsResponseStream, serve_nats, serve_nats_then};
@@ -142,16 +144,16 @@ async fn connection(
     let (rd, wr) = stream.into_split();
     let (tx, rx) = mpsc::channel::<Frame>(WRITE_QUEUE);
     let writer = tokio::spawn(write_frames(wr, rx));
-    let mut rd = BufReader::new(rd);
+    let mut frames = FramedRead::new(rd, FrameCodec::new(max_frame));
     let mut active: HashMap<u64, CancellationToken> = HashMap::new();
     loop {
         let frame = tokio::select! {
             _ = cancel.cancelled() => break,
-            f = frame::read(&mut rd, max_frame) => f,
+            f = frames.next() => f,
         };
         match frame {
-            Ok(None) => break,
-            Ok(Some(f)) => match f.kind {
+            None => break,
+            Some(Ok(f)) => match f.kind {
                 Kind::Request => {
                     let token = cancel.child_token();
                     active.retain(|_, t| !t.is_cancelled());
@@ -193,7 +195,7 @@ async fn connection(
                     break;
                 }
             },
-            Err(e) => {
+            Some(Err(e)) => {
                 tracing::warn!(%peer, error = %e, "bad frame; closing the connection");
                 break;
             }
@@ -207,14 +209,15 @@ async fn connection(
 }
 
 async fn write_frames(wr: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::Receiver<Frame>) {
-    let mut wr = BufWriter::new(wr);
+    // The writer only encodes what this process built: no limit to check.
+    let mut wr = FramedWrite::new(wr, FrameCodec::new(usize::MAX));
     while let Some(f) = rx.recv().await {
-        if frame::write(&mut wr, &f).await.is_err() {
+        if wr.feed(f).await.is_err() {
             return;
         }
         // Batch whatever is already queued into one flush.
         while let Ok(f) = rx.try_recv() {
-            if frame::write(&mut wr, &f).await.is_err() {
+            if wr.feed(f).await.is_err() {
                 return;
             }
         }
@@ -249,11 +252,7 @@ impl TcpClient {
         let (tx, rx) = mpsc::channel::<Frame>(WRITE_QUEUE);
         tokio::spawn(write_frames(wr, rx));
         let pending: Pending = Arc::default();
-        tokio::spawn(read_responses(
-            BufReader::new(rd),
-            pending.clone(),
-            MAX_FRAME_DEFAULT,
-        ));
+        tokio::spawn(read_responses(rd, pending.clone(), MAX_FRAME_DEFAULT));
         Ok(Self {
             tx,
             pending,
@@ -289,8 +288,9 @@ impl TcpClient {
     }
 }
 
-async fn read_responses<R: AsyncRead + Unpin>(mut rd: R, pending: Pending, max_frame: usize) {
-    while let Ok(Some(f)) = frame::read(&mut rd, max_frame).await {
+async fn read_responses<R: AsyncRead + Unpin>(rd: R, pending: Pending, max_frame: usize) {
+    let mut frames = FramedRead::new(rd, FrameCodec::new(max_frame));
+    while let Some(Ok(f)) = frames.next().await {
         let tx = pending.lock().expect("pending lock").get(&f.id).cloned();
         let Some(tx) = tx else { continue }; // cancelled by the caller
         let item = match f.kind {
