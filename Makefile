@@ -5,7 +5,7 @@ export PATH := $(PATH):/usr/sbin
 CARGO  ?= cargo
 OUT    := out
 
-.PHONY: run sim bench-http bench-engines index test lint unit interop bench-build bench-index fuzz deps clean
+.PHONY: run sim bench-policies bench-http bench-engines index test lint unit interop bench-build bench-index fuzz deps clean
 
 ## The main job: the OpenAI API with KV-aware routing over 4 mock workers, all in
 ## one process (in-memory discovery and events) on http://127.0.0.1:8000. Ctrl-C stops it.
@@ -26,6 +26,12 @@ sim:
 ## trace at SPEEDUP x its recorded rate (300 = ~950 requests/s); one JSON line per run.
 ## The load generator runs niced so it does not preempt the server on a 2-core machine.
 SPEEDUP ?= 300
+## Issue 13's policy matrix: kvrouter vs peers' policies on four traces (~6 min).
+bench-policies:
+	$(CARGO) build --release -p kvrouter
+	tools/sim_policies.sh ./target/release/kvrouter $(SHARED) $(OUT)/policies
+	@echo "results: $(OUT)/policies/policies-*.{txt,json,svg}"
+
 bench-http:
 	$(CARGO) build --release -p kvrouter
 	mkdir -p $(OUT)
