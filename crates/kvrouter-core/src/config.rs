@@ -51,6 +51,8 @@ pub struct KvRouterConfig {
     /// `kv-sticky`: how far above the mean cost a rank may run and still keep
     /// its prefix families (≥ 0; a fraction).
     pub router_sticky_spill: f64,
+    /// `kv-sticky`: extra bound for a rank caching the whole prompt (≥ 0).
+    pub router_sticky_stake: f64,
 }
 
 impl Default for KvRouterConfig {
@@ -73,6 +75,7 @@ impl Default for KvRouterConfig {
             router_queue_policy: crate::queue::QueuePolicy::Fcfs,
             router_event_threads: 1,
             router_sticky_spill: crate::sticky::DEFAULT_SPILL,
+            router_sticky_stake: crate::sticky::DEFAULT_STAKE,
         }
     }
 }
@@ -107,6 +110,7 @@ impl KvRouterConfig {
             ("router_temperature", self.router_temperature),
             ("router_ttl_secs", self.router_ttl_secs),
             ("router_sticky_spill", self.router_sticky_spill),
+            ("router_sticky_stake", self.router_sticky_stake),
         ];
         for (name, v) in non_negative {
             if !(v.is_finite() && v >= 0.0) {

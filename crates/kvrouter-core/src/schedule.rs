@@ -72,6 +72,8 @@ pub enum KvPolicy {
     Sticky {
         /// Load bound above the mean cost, as a fraction.
         spill: f64,
+        /// How much further a rank caching the whole prompt may run.
+        stake: f64,
     },
 }
 
@@ -199,9 +201,9 @@ impl Pipeline {
         };
         let d = match self.policy {
             KvPolicy::Cost => select_kv(&req, &candidates, rng)?,
-            KvPolicy::Sticky { spill } => {
+            KvPolicy::Sticky { spill, stake } => {
                 let home = local.first().map_or(0, |h| h.0);
-                crate::sticky::select_sticky(&req, &candidates, home, spill)?
+                crate::sticky::select_sticky(&req, &candidates, home, spill, stake)?
             }
         };
         Ok(Plan {

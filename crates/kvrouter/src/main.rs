@@ -42,26 +42,9 @@ fn run(parsed: Parsed) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let check_only = match &parsed.command {
-        Command::Frontend(a) => a.runtime.check_config,
-        Command::Router(a) => a.runtime.check_config,
-        Command::GlobalRouter(a) => a.runtime.check_config,
-        Command::Mocker(a) => a.runtime.check_config,
-        Command::Serve(a) => a.frontend.runtime.check_config,
-        Command::Call(a) => a.runtime.check_config,
-        Command::Engine(a) => a.runtime.check_config,
-        Command::Sim(_) | Command::SynthTrace(_) | Command::Bench(_) => false,
-    };
-    let dump_to = match &parsed.command {
-        Command::Frontend(a) => a.runtime.dump_config_to.clone(),
-        Command::Router(a) => a.runtime.dump_config_to.clone(),
-        Command::GlobalRouter(a) => a.runtime.dump_config_to.clone(),
-        Command::Mocker(a) => a.runtime.dump_config_to.clone(),
-        Command::Serve(a) => a.frontend.runtime.dump_config_to.clone(),
-        Command::Call(a) => a.runtime.dump_config_to.clone(),
-        Command::Engine(a) => a.runtime.dump_config_to.clone(),
-        Command::Sim(_) | Command::SynthTrace(_) | Command::Bench(_) => None,
-    };
+    let runtime = parsed.command.runtime();
+    let check_only = runtime.is_some_and(|r| r.check_config);
+    let dump_to = runtime.and_then(|r| r.dump_config_to.clone());
     if let Some(path) = dump_to {
         let doc = parsed.dump(&resolved);
         let text = serde_json::to_string_pretty(&doc).expect("JSON values serialize");

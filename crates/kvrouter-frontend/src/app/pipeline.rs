@@ -63,22 +63,34 @@ pub(crate) fn header_dp_rank(headers: &HeaderMap) -> Result<Option<u32>, ApiErro
         })
 }
 
+/// What both OpenAI routes share: engines get the body as it came; mock
+/// workers get the job `build` makes of it, answered by [`respond`].
+async fn dispatch(
+    s: Arc<Frontend>,
+    kind: Kind,
+    headers: HeaderMap,
+    body: Bytes,
+    build: impl FnOnce(&Frontend, &Bytes, Option<u32>) -> Result<Job, ApiError>,
+) -> Response {
+    if let Backend::Engines(e) = &s.backend {
+        let e = e.clone();
+        return crate::passthrough::forward(s, &e, kind, headers, body).await;
+    }
+    let started = Instant::now();
+    let job = header_dp_rank(&headers).and_then(|dp_rank| build(&s, &body, dp_rank));
+    respond(s, kind, job, started).await
+}
+
 pub(super) async fn chat(
     State(s): State<Arc<Frontend>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Backend::Engines(e) = &s.backend {
-        let e = e.clone();
-        return crate::passthrough::forward(s, &e, Kind::Chat, headers, body).await;
-    }
-    let started = Instant::now();
-    let job = (|| {
-        let dp_rank = header_dp_rank(&headers)?;
-        let req: ChatRequest = openai::parse(&body)?;
+    dispatch(s, Kind::Chat, headers, body, |s, body, dp_rank| {
+        let req: ChatRequest = openai::parse(body)?;
         let max_tokens = req.max_completion_tokens.or(req.common.max_tokens);
         openai::validate(&req.common, max_tokens)?;
-        check_model(&s, &req.common.model)?;
+        check_model(s, &req.common.model)?;
         let messages = openai::normalise_messages(&req.messages)?;
         let t = Instant::now();
         let prompt = s
@@ -90,9 +102,9 @@ pub(super) async fn chat(
             .encode(&prompt)
             .map_err(|e| ApiError::internal(e.to_string()))?;
         s.metrics.preprocessing.observe(t.elapsed().as_secs_f64());
-        job(&s, Kind::Chat, &req.common, max_tokens, tokens, dp_rank)
-    })();
-    respond(s, Kind::Chat, job, started).await
+        job(s, Kind::Chat, &req.common, max_tokens, tokens, dp_rank)
+    })
+    .await
 }
 
 pub(super) async fn completions(
@@ -100,16 +112,10 @@ pub(super) async fn completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Backend::Engines(e) = &s.backend {
-        let e = e.clone();
-        return crate::passthrough::forward(s, &e, Kind::Completion, headers, body).await;
-    }
-    let started = Instant::now();
-    let job = (|| {
-        let dp_rank = header_dp_rank(&headers)?;
-        let req: CompletionRequest = openai::parse(&body)?;
+    dispatch(s, Kind::Completion, headers, body, |s, body, dp_rank| {
+        let req: CompletionRequest = openai::parse(body)?;
         openai::validate(&req.common, req.common.max_tokens)?;
-        check_model(&s, &req.common.model)?;
+        check_model(s, &req.common.model)?;
         let t = Instant::now();
         let one = |n: usize| {
             if n == 1 {
@@ -138,15 +144,15 @@ pub(super) async fn completions(
         // OpenAI's legacy default.
         let max_tokens = req.common.max_tokens.or(Some(16));
         job(
-            &s,
+            s,
             Kind::Completion,
             &req.common,
             max_tokens,
             tokens,
             dp_rank,
         )
-    })();
-    respond(s, Kind::Completion, job, started).await
+    })
+    .await
 }
 
 pub(crate) fn check_model(s: &Frontend, model: &str) -> Result<(), ApiError> {

@@ -62,6 +62,7 @@ impl SimRouter {
         let kv_policy = match mode {
             SimMode::KvSticky => KvPolicy::Sticky {
                 spill: cfg.router_sticky_spill,
+                stake: cfg.router_sticky_stake,
             },
             _ => KvPolicy::Cost,
         };

@@ -175,6 +175,7 @@ impl KvRouter {
         let policy = match mode {
             RouterMode::KvSticky => KvPolicy::Sticky {
                 spill: config.router_sticky_spill,
+                stake: config.router_sticky_stake,
             },
             _ => KvPolicy::Cost,
         };

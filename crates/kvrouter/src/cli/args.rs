@@ -273,6 +273,10 @@ pub struct KvArgs {
     /// (1 + this) × the mean cost plus one request.
     #[arg(long, default_value_t = kvrouter_core::sticky::DEFAULT_SPILL, allow_negative_numbers = true, help_heading = "KV router")]
     pub router_sticky_spill: f64,
+    /// kv-sticky: how much further above the mean a worker caching the whole
+    /// prompt may run (scaled by the fraction it caches).
+    #[arg(long, default_value_t = kvrouter_core::sticky::DEFAULT_STAKE, allow_negative_numbers = true, help_heading = "KV router")]
+    pub router_sticky_stake: f64,
 }
 
 /// The router queue (frontend only).

@@ -143,6 +143,7 @@ pub const ENV: &[EnvVar] = &[
     ),
     value("router_event_threads", &["DYN_ROUTER_EVENT_THREADS"]),
     value("router_sticky_spill", &["DYN_ROUTER_STICKY_SPILL"]),
+    value("router_sticky_stake", &["DYN_ROUTER_STICKY_STAKE"]),
     value("router_queue_threshold", &["DYN_ROUTER_QUEUE_THRESHOLD"]),
     value("router_queue_policy", &["DYN_ROUTER_QUEUE_POLICY"]),
     // Busy thresholds.

@@ -73,6 +73,23 @@ pub enum Command {
     Bench(BenchCommand),
 }
 
+impl Command {
+    /// The runtime flags of a service subcommand (`None` for the tools:
+    /// `sim`, `synth-trace`, `bench`).
+    pub fn runtime(&self) -> Option<&RuntimeArgs> {
+        match self {
+            Command::Frontend(a) => Some(&a.runtime),
+            Command::Router(a) => Some(&a.runtime),
+            Command::GlobalRouter(a) => Some(&a.runtime),
+            Command::Mocker(a) => Some(&a.runtime),
+            Command::Serve(a) => Some(&a.frontend.runtime),
+            Command::Call(a) => Some(&a.runtime),
+            Command::Engine(a) => Some(&a.runtime),
+            Command::Sim(_) | Command::SynthTrace(_) | Command::Bench(_) => None,
+        }
+    }
+}
+
 /// `kvrouter call`: an operator's request to any endpoint over the configured planes.
 ///
 /// Exits 0 when the stream ends normally, 1 on an error response (printed as

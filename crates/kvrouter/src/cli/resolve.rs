@@ -60,6 +60,7 @@ fn config_args(field: &str) -> &'static [&'static str] {
         "router_queue_policy" => &["router_queue_policy"],
         "router_event_threads" => &["router_event_threads"],
         "router_sticky_spill" => &["router_sticky_spill"],
+        "router_sticky_stake" => &["router_sticky_stake"],
         "enable_prefix_caching" => &["enable_prefix_caching", "no_enable_prefix_caching"],
         "enable_chunked_prefill" => &["enable_chunked_prefill", "no_enable_chunked_prefill"],
         "block_size" => &["block_size", "router_block_size", "kv_cache_block_size"],
@@ -88,6 +89,7 @@ fn kv_config(kv: &KvArgs, queue: Option<&QueueArgs>) -> KvRouterConfig {
         router_queue_policy: queue.map_or_else(Default::default, |q| q.router_queue_policy),
         router_event_threads: kv.router_event_threads,
         router_sticky_spill: kv.router_sticky_spill,
+        router_sticky_stake: kv.router_sticky_stake,
     }
 }
 
@@ -709,18 +711,21 @@ fn frontend_settings(
     )
 }
 
-/// `--router-sticky-spill` only tunes `kv-sticky`: refused anywhere else.
+/// `--router-sticky-spill` and `--router-sticky-stake` only tune `kv-sticky`:
+/// refused anywhere else.
 fn sticky_problems(sub: &str, sticky: bool, explicit: &dyn Fn(&str) -> bool, p: &mut Vec<Problem>) {
-    if !sticky && explicit("router_sticky_spill") {
-        let how = if sub == "router" {
-            "the standalone router routes by the kv cost"
-        } else {
-            "it tunes --router-mode kv-sticky, which is not selected"
-        };
-        p.push(Problem {
-            flags: vec![flag(sub, "router_sticky_spill")],
-            message: how.into(),
-        });
+    for id in ["router_sticky_spill", "router_sticky_stake"] {
+        if !sticky && explicit(id) {
+            let how = if sub == "router" {
+                "the standalone router routes by the kv cost"
+            } else {
+                "it tunes --router-mode kv-sticky, which is not selected"
+            };
+            p.push(Problem {
+                flags: vec![flag(sub, id)],
+                message: how.into(),
+            });
+        }
     }
 }
 

@@ -379,6 +379,13 @@ fn flag_rows() -> Vec<(
             json!(4),
         ),
         (
+            "router_sticky_stake",
+            "frontend",
+            vec!["--router-mode", "kv-sticky", "--router-sticky-stake", "0.7"],
+            "router_sticky_stake",
+            json!(0.7),
+        ),
+        (
             "router_sticky_spill",
             "frontend",
             vec!["--router-mode", "kv-sticky", "--router-sticky-spill", "0.5"],
