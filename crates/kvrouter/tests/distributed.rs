@@ -105,10 +105,20 @@ fn standalone_router_serves_generate_and_best_worker_id() {
     ]);
     // Generate through the router: the worker's outputs stream back.
     let tokens = prompt(640);
-    let (code, lines) = f.call(
-        "fleet.router.generate",
-        &json!({"model": "mock-model", "token_ids": tokens, "stop_conditions": {"max_tokens": 3, "ignore_eos": true}}),
-    );
+    let body = json!({"model": "mock-model", "token_ids": tokens, "stop_conditions": {"max_tokens": 3, "ignore_eos": true}});
+    // The router can be up before discovery has shown it the workers; until
+    // then it answers `no_workers` at once, which is right, so wait that out.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (code, lines) = loop {
+        let (code, lines) = f.call("fleet.router.generate", &body);
+        let no_workers = lines
+            .first()
+            .is_some_and(|l| l["error"]["code"] == "no_workers");
+        if !no_workers || Instant::now() > deadline {
+            break (code, lines);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     assert_eq!(code, 0, "{lines:?}");
     assert_eq!(lines.len(), 3, "{lines:?}");
     assert_eq!(lines[2]["finish_reason"], "length");
