@@ -5,7 +5,7 @@ export PATH := $(PATH):/usr/sbin
 CARGO  ?= cargo
 OUT    := out
 
-.PHONY: run sim bench-policies bench-http bench-engines index test lint unit interop bench-build bench-index fuzz deps clean
+.PHONY: run sim bench-policies bench-http bench-engines index test lint unit interop faults bench-build bench-index fuzz deps clean
 
 ## The main job: the OpenAI API with KV-aware routing over 4 mock workers, all in
 ## one process (in-memory discovery and events) on http://127.0.0.1:8000. Ctrl-C stops it.
@@ -67,7 +67,7 @@ $(OUT)/conv.kvops:
 
 ## Everything CI checks: formatting, lints (warnings are errors), all tests, and the
 ## interop tests against the engines' own KV-event publishers.
-test: deps lint unit interop
+test: deps lint unit interop faults
 
 deps:
 	@./scripts/install-deps.sh
@@ -85,6 +85,11 @@ interop:
 	./scripts/interop-setup.sh $(OUT)/interop
 	KVROUTER_INTEROP=$(abspath $(OUT)/interop) KVROUTER_INTEROP_PYTHON=$(abspath $(OUT)/interop/venv/bin/python) \
 	  $(CARGO) test -p kvrouter-engines --test interop -- --ignored
+
+## The fault suite: workers killed under load and the like, over real etcd and NATS
+## (bounded: about a minute; ignored by a plain `cargo test`).
+faults:
+	$(CARGO) test -p kvrouter --test faults -- --ignored --nocapture
 
 ## Compile (not run) the criterion benchmarks.
 bench-build:

@@ -23,6 +23,7 @@ use prometheus::Registry;
 use serde_json::Value;
 
 use crate::metrics::FrontendMetrics;
+use crate::server::HttpLimits;
 use crate::tokenizer::Preprocessor;
 
 mod admin;
@@ -35,20 +36,23 @@ use admin::{
 pub(crate) use pipeline::{Kind, Tracker, check_model, count_rejected, header_dp_rank};
 use pipeline::{chat, completions};
 
-/// Which OpenAI endpoints are served.
+/// The HTTP side: which OpenAI endpoints are served, and the server's limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Endpoints {
+pub struct HttpOptions {
     /// `/v1/chat/completions`.
     pub chat: bool,
     /// `/v1/completions`.
     pub completions: bool,
+    /// Timeouts, sizes, connections and shutdown grace.
+    pub limits: HttpLimits,
 }
 
-impl Default for Endpoints {
+impl Default for HttpOptions {
     fn default() -> Self {
         Self {
             chat: true,
             completions: true,
+            limits: HttpLimits::default(),
         }
     }
 }
@@ -83,6 +87,8 @@ pub struct Frontend {
     salt: u64,
     /// Disaggregated serving: the prefill pool's router, and whether it is required.
     prefill: Option<(PrefillClient, bool)>,
+    /// Fires when the shutdown grace period is over: what still streams ends with an error.
+    pub(crate) cut: tokio_util::sync::CancellationToken,
     /// Set when this frontend stands in for an engine (`kvrouter mocker --openai-port`).
     facade: parking_lot::RwLock<Option<EngineFacade>>,
 }
@@ -122,6 +128,7 @@ impl Frontend {
             ids: AtomicU64::new(1),
             salt: (now.as_nanos() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
             prefill,
+            cut: tokio_util::sync::CancellationToken::new(),
             facade: parking_lot::RwLock::new(None),
         }))
     }
@@ -164,8 +171,15 @@ impl Frontend {
     }
 }
 
+/// Seconds since the Unix epoch (each response's `created`).
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// The HTTP application.
-pub fn app(state: Arc<Frontend>, endpoints: Endpoints) -> Router {
+pub fn app(state: Arc<Frontend>, endpoints: HttpOptions) -> Router {
     let mut r = Router::new()
         .route("/v1/models", get(models))
         .route("/health", get(health))
@@ -181,21 +195,4 @@ pub fn app(state: Arc<Frontend>, endpoints: Endpoints) -> Router {
         r = r.route("/v1/completions", post(completions));
     }
     r.fallback(not_found).with_state(state)
-}
-
-/// Serves `app` on `listener` until `shutdown` resolves.
-pub async fn run(
-    listener: tokio::net::TcpListener,
-    app: Router,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    // Streamed responses are many small writes: without TCP_NODELAY, Nagle's
-    // algorithm meets the client's delayed ACK and adds ~40 ms per response.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
 }

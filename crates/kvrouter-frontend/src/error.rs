@@ -77,6 +77,39 @@ impl ApiError {
         }
     }
 
+    /// An error the HTTP edge itself answers (timeouts, limits, methods,
+    /// shutdown): the OpenAI type and code follow from the status.
+    pub fn edge(status: StatusCode, message: impl Into<String>) -> Self {
+        let (kind, code) = match status.as_u16() {
+            404 => ("invalid_request_error", "not_found"),
+            405 => ("invalid_request_error", "method_not_allowed"),
+            408 => ("invalid_request_error", "request_timeout"),
+            413 => ("invalid_request_error", "request_too_large"),
+            414 => ("invalid_request_error", "uri_too_long"),
+            415 => ("invalid_request_error", "unsupported_media_type"),
+            431 => ("invalid_request_error", "headers_too_large"),
+            503 => ("service_unavailable", "service_unavailable"),
+            504 => ("timeout", "timeout"),
+            400..=499 => ("invalid_request_error", "invalid_request"),
+            _ => ("internal_error", "internal_error"),
+        };
+        Self {
+            status,
+            message: message.into(),
+            kind,
+            param: None,
+            code,
+        }
+    }
+
+    /// 503: the server is shutting down and the request could not finish in the grace period.
+    pub fn shutting_down() -> Self {
+        Self::edge(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is shutting down; the request did not finish within the grace period (--graceful-shutdown-timeout)",
+        )
+    }
+
     /// The JSON body.
     pub fn body(&self) -> serde_json::Value {
         json!({"error": {

@@ -9,6 +9,9 @@
 //! - [`metrics`]: `dynamo_frontend_*` metrics.
 //! - [`passthrough`]: requests for external engines (`--engine`), forwarded
 //!   unchanged and routed by their tokens.
+//! - [`server`]: the HTTP server under the routes: connection limit, header
+//!   and body timeouts, size limits, OpenAI error JSON for the framework's own
+//!   errors, and the two-stage graceful shutdown.
 //! - [`serve`]: a frontend over any runtime or over external engines, and the
 //!   embedded all-in-one deployment (`kvrouter serve`); [`standin`]: a mock
 //!   worker dressed as a vLLM server (`kvrouter mocker --openai-port`).
@@ -19,11 +22,12 @@ pub mod metrics;
 pub mod openai;
 pub(crate) mod passthrough;
 pub mod serve;
+pub mod server;
 pub mod standin;
 pub mod stop;
 pub(crate) mod token_cache;
 pub mod tokenizer;
 
-pub use app::{Backend, Endpoints, EngineFacade, Frontend, app};
+pub use app::{Backend, EngineFacade, Frontend, HttpOptions, app};
 pub use serve::{Embedded, EmbeddedConfig, FrontendHandle, RoutingConfig, start_frontend};
 pub use tokenizer::Preprocessor;

@@ -28,6 +28,7 @@ use serde_json::Value;
 use crate::app::{Frontend, Kind, Tracker, check_model, count_rejected, header_dp_rank};
 use crate::error::ApiError;
 use crate::openai::{self, ChatRequest};
+use crate::server::{Forwarded, until_cut};
 
 /// Headers passed on to the engine (the rest are hop-by-hop or the router's own).
 const FORWARDED: &[&str] = &["authorization", "x-request-id", "traceparent", "tracestate"];
@@ -152,7 +153,18 @@ pub(crate) async fn forward(
     let worker = routed.worker_id.to_string();
     let rank = routed.dp_rank.to_string();
     let overlap = routed.overlap_blocks.to_string();
-    (
+    let sse = content_type.starts_with("text/event-stream");
+    // Past the shutdown grace period: an event stream ends with an error event,
+    // any other body with a broken connection (there is no way to say more).
+    let body = until_cut(routed.into_body(), s.cut.clone(), move || {
+        if sse {
+            let e = ApiError::shutting_down().body();
+            Ok(Bytes::from(format!("data: {e}\n\n")))
+        } else {
+            Err(std::io::Error::other("the server is shutting down"))
+        }
+    });
+    let mut res = (
         status,
         [
             (header::CONTENT_TYPE.as_str(), content_type),
@@ -160,7 +172,9 @@ pub(crate) async fn forward(
             ("x-kvrouter-dp-rank", rank),
             ("x-kvrouter-overlap-blocks", overlap),
         ],
-        Body::from_stream(routed.into_body()),
+        Body::from_stream(body),
     )
-        .into_response()
+        .into_response();
+    res.extensions_mut().insert(Forwarded);
+    res
 }

@@ -22,7 +22,8 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{Backend, Endpoints, Frontend, app, run};
+use crate::app::{Backend, Frontend, HttpOptions, app};
+use crate::server::serve;
 use crate::tokenizer::Preprocessor;
 
 /// How the frontend routes.
@@ -48,15 +49,22 @@ pub struct FrontendHandle {
     pub addr: SocketAddr,
     /// Its state.
     pub frontend: Arc<Frontend>,
+    /// Stops the routing side (worker pool, engine probes and event sources).
     cancel: CancellationToken,
+    /// Stops the HTTP server (which then drains).
+    stop: CancellationToken,
     server: JoinHandle<std::io::Result<()>>,
 }
 
 impl FrontendHandle {
-    /// Stops serving (in-flight requests are given the graceful shutdown).
+    /// Stops serving: no new connection is accepted, in-flight requests get the
+    /// grace period (then end with an error), and only then does routing stop,
+    /// so the requests that drain still have their workers.
     pub async fn shutdown(self) -> std::io::Result<()> {
+        self.stop.cancel();
+        let r = self.server.await.unwrap_or(Ok(()));
         self.cancel.cancel();
-        self.server.await.unwrap_or(Ok(()))
+        r
     }
 
     /// Resolves when the server stops by itself (an I/O failure).
@@ -72,7 +80,7 @@ pub async fn start_frontend(
     model: String,
     pre: Arc<Preprocessor>,
     routing: RoutingConfig,
-    endpoints: Endpoints,
+    http: HttpOptions,
     listener: TcpListener,
 ) -> Result<FrontendHandle, String> {
     let registry = Registry::new();
@@ -91,27 +99,30 @@ pub async fn start_frontend(
     let pool = WorkerPool::start(node, endpoint, router, cancel.child_token()).await?;
     let frontend = Frontend::new(model, pre, Backend::Workers(pool), registry, prefill)
         .map_err(|e| e.to_string())?;
-    listen(frontend, endpoints, listener, cancel)
+    listen(frontend, http, listener, cancel)
 }
 
 /// Serves `frontend` on `listener` until the handle shuts it down.
 fn listen(
     frontend: Arc<Frontend>,
-    endpoints: Endpoints,
+    http: HttpOptions,
     listener: TcpListener,
     cancel: CancellationToken,
 ) -> Result<FrontendHandle, String> {
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let token = cancel.clone();
-    let server = tokio::spawn(run(
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(serve(
         listener,
-        app(frontend.clone(), endpoints),
-        token.cancelled_owned(),
+        app(frontend.clone(), http),
+        http.limits,
+        stop.clone().cancelled_owned(),
+        frontend.cut.clone(),
     ));
     Ok(FrontendHandle {
         addr,
         frontend,
         cancel,
+        stop,
         server,
     })
 }
@@ -128,7 +139,7 @@ pub async fn start_engine_frontend(
     pre: Arc<Preprocessor>,
     routing: RoutingConfig,
     block_size: Option<u32>,
-    endpoints: Endpoints,
+    http: HttpOptions,
     listener: TcpListener,
 ) -> Result<FrontendHandle, String> {
     let registry = Registry::new();
@@ -151,7 +162,7 @@ pub async fn start_engine_frontend(
     let pool = found.start(router, engine_metrics, cancel.child_token());
     let frontend = Frontend::new(model, pre, Backend::Engines(pool), registry, None)
         .map_err(|e| e.to_string())?;
-    listen(frontend, endpoints, listener, cancel)
+    listen(frontend, http, listener, cancel)
 }
 
 /// Everything `kvrouter serve` runs.
@@ -167,8 +178,8 @@ pub struct EmbeddedConfig {
     pub data_parallel_size: u32,
     /// Routing.
     pub routing: RoutingConfig,
-    /// Endpoints served.
-    pub endpoints: Endpoints,
+    /// Endpoints served and the HTTP server's limits.
+    pub http: HttpOptions,
     /// Namespace of the workers' endpoint.
     pub namespace: String,
     /// Chance a mock token ends its request.
@@ -204,7 +215,7 @@ impl Embedded {
             cfg.model_name.clone(),
             pre.clone(),
             cfg.routing.clone(),
-            cfg.endpoints,
+            cfg.http,
             listener,
         )
         .await?;
@@ -266,9 +277,11 @@ impl Embedded {
         self.workers.iter().map(|w| w.id()).collect()
     }
 
-    /// Stops everything.
+    /// Stops everything: the HTTP side drains first, while the workers still
+    /// serve the requests in flight; then the workers stop (and deregister).
     pub async fn shutdown(self) -> std::io::Result<()> {
+        let r = self.frontend.shutdown().await;
         drop(self.workers);
-        self.frontend.shutdown().await
+        r
     }
 }

@@ -17,7 +17,7 @@ use kvrouter_runtime::endpoint::EndpointId;
 use kvrouter_runtime::node::{Node, new_instance_id};
 use tokio::net::TcpListener;
 
-use crate::app::{Endpoints, EngineFacade};
+use crate::app::{EngineFacade, HttpOptions};
 use crate::serve::{FrontendHandle, RoutingConfig, start_frontend};
 use crate::tokenizer::Preprocessor;
 
@@ -60,7 +60,7 @@ impl StandIn {
                 prefill_endpoint: None,
                 enforce_disagg: false,
             },
-            Endpoints::default(),
+            HttpOptions::default(),
             listener,
         )
         .await?;

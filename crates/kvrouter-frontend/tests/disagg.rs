@@ -8,7 +8,7 @@ use std::time::Duration;
 use kvrouter_core::busy::LoadThresholds;
 use kvrouter_core::{KvRouterConfig, RouterMode};
 use kvrouter_frontend::serve::{RoutingConfig, start_frontend};
-use kvrouter_frontend::{Endpoints, Preprocessor};
+use kvrouter_frontend::{HttpOptions, Preprocessor};
 use kvrouter_mocker::engine::EngineConfig;
 use kvrouter_mocker::service::{self, Role, WorkerConfig};
 use kvrouter_router::standalone::StandaloneRouter;
@@ -84,7 +84,7 @@ async fn prefill_pool_then_decode_with_transferred_kv() {
             prefill_endpoint: Some("pf.router.generate".parse().unwrap()),
             enforce_disagg: true,
         },
-        Endpoints::default(),
+        HttpOptions::default(),
         listener,
     )
     .await

@@ -8,7 +8,7 @@ use futures::StreamExt;
 use kvrouter_core::busy::LoadThresholds;
 use kvrouter_core::{KvRouterConfig, RouterMode};
 use kvrouter_frontend::serve::{Embedded, EmbeddedConfig, RoutingConfig};
-use kvrouter_frontend::{Endpoints, Preprocessor};
+use kvrouter_frontend::{HttpOptions, Preprocessor};
 use kvrouter_mocker::engine::EngineConfig;
 use serde_json::{Value, json};
 
@@ -56,7 +56,7 @@ async fn start(s: Setup) -> Server {
             prefill_endpoint: None,
             enforce_disagg: false,
         },
-        endpoints: Endpoints::default(),
+        http: HttpOptions::default(),
         namespace: "test".into(),
         eos_probability: 0.0,
     };

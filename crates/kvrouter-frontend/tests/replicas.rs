@@ -9,7 +9,7 @@ use futures::StreamExt;
 use kvrouter_core::busy::LoadThresholds;
 use kvrouter_core::{KvRouterConfig, RouterMode};
 use kvrouter_frontend::serve::{FrontendHandle, RoutingConfig, start_frontend};
-use kvrouter_frontend::{Endpoints, Preprocessor};
+use kvrouter_frontend::{HttpOptions, Preprocessor};
 use kvrouter_mocker::service::{self, WorkerConfig};
 use kvrouter_runtime::endpoint::EndpointId;
 use kvrouter_runtime::node::Node;
@@ -33,7 +33,7 @@ async fn frontend(node: &Node, endpoint: &EndpointId) -> FrontendHandle {
             prefill_endpoint: None,
             enforce_disagg: false,
         },
-        Endpoints::default(),
+        HttpOptions::default(),
         listener,
     )
     .await

@@ -18,6 +18,7 @@
 //! - [`metrics`]: the router's Prometheus metrics under the reference names.
 
 pub mod disagg;
+mod down;
 pub mod durable;
 pub mod engines;
 pub mod global;

@@ -24,6 +24,7 @@ use parking_lot::RwLock;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::down::DownSet;
 use crate::router::{ActiveRequest, KvRouter, RouteError, RouteQuery};
 use crate::sync::ActiveSequenceEvent;
 use kvrouter_core::llm::{LlmEngineOutput, PreprocessedRequest};
@@ -99,8 +100,13 @@ pub struct WorkerPool {
     /// Live instances with their metadata, parsed once when they appear.
     instances: RwLock<BTreeMap<InstanceId, (Instance, WorkerMetadata)>>,
     count: watch::Sender<usize>,
+    /// Workers whose connection failed, out of routing until they answer again.
+    down: Arc<DownSet>,
     cancel: CancellationToken,
 }
+
+/// Attempts per request when workers fail before their first response.
+const MAX_ATTEMPTS: usize = 3;
 
 impl WorkerPool {
     /// Subscribes to the endpoint's events and load, then follows its instances.
@@ -149,8 +155,10 @@ impl WorkerPool {
             router,
             instances: RwLock::new(BTreeMap::new()),
             count,
+            down: Arc::default(),
             cancel: cancel.clone(),
         });
+        pool.down.spawn_prober(cancel.clone());
         if let Some(events) = events.take() {
             spawn_decoding(
                 events,
@@ -236,6 +244,7 @@ impl WorkerPool {
                             );
                         }
                         self.router.add_worker(instance.id, &meta);
+                        self.down.clear(instance.id);
                         tracing::info!(worker = instance.id, address = %instance.address, "worker added");
                         self.instances.write().insert(instance.id, (instance, meta));
                     }
@@ -251,6 +260,7 @@ impl WorkerPool {
                     self.node.forget(&i.address);
                 }
                 self.router.remove_worker(id);
+                self.down.clear(id);
                 tracing::info!(worker = id, "worker removed");
             }
         }
@@ -317,6 +327,7 @@ impl WorkerPool {
         let mut sent = req.clone();
         sent.request_id = Some(request_id.to_string());
         let mut exclude = Vec::new();
+        let mut failed = 0;
         // Held here while every worker is saturated (the router queue).
         let mut turn = Some(
             self.router
@@ -324,12 +335,14 @@ impl WorkerPool {
                 .await,
         );
         loop {
+            let mut avoid = self.down.ids();
+            avoid.extend_from_slice(&exclude);
             let q = RouteQuery {
                 tokens: &req.token_ids,
                 config_override: req.router_config_override.as_ref(),
                 dp_rank: req.dp_rank(),
                 worker_id: req.routing.as_ref().and_then(|r| r.backend_instance_id),
-                exclude: &exclude,
+                exclude: &avoid,
             };
             let routing = self.router.select(&q)?;
             let active = self
@@ -351,20 +364,39 @@ impl WorkerPool {
             sent.routing.get_or_insert_with(Default::default).dp_rank =
                 Some(routing.worker.dp_rank);
             let body = Bytes::from(serde_json::to_vec(&sent).expect("requests serialize"));
-            match self.node.call(&address, body).await {
-                Ok(responses) => {
+            // Until the first response nothing has reached the client: a worker
+            // that cannot be reached, or whose connection breaks before it
+            // answers, costs a retry on another worker, not an error.
+            let outcome = match self.node.call(&address, body).await {
+                Ok(mut responses) => match responses.next().await {
+                    Some(Err(RequestError::ConnectionLost)) => Err(RequestError::ConnectionLost),
+                    first => Ok((responses, first)),
+                },
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok((responses, first)) => {
                     return Ok(GenerateStream {
                         responses,
+                        first: Some(first),
                         active,
                         worker_id,
                         overlap_blocks: routing.overlap_blocks,
                         done: false,
                     });
                 }
-                Err(e) if e.retryable() && exclude.len() < 2 => {
-                    tracing::warn!(worker = worker_id, error = %e, "worker unreachable; routing again");
+                Err(e) if e.retryable() || e == RequestError::ConnectionLost => {
                     drop(active);
+                    self.down.mark(worker_id, &address, &e.to_string());
                     exclude.push(worker_id);
+                    failed += 1;
+                    if failed >= MAX_ATTEMPTS {
+                        return Err(GenerateError::Upstream {
+                            worker_id,
+                            source: e,
+                        });
+                    }
+                    tracing::warn!(worker = worker_id, error = %e, "worker failed before answering; routing again");
                 }
                 Err(source) => return Err(GenerateError::Upstream { worker_id, source }),
             }
@@ -382,6 +414,8 @@ impl Drop for WorkerPool {
 /// frees it in the router.
 pub struct GenerateStream {
     responses: Responses,
+    /// The first response, read before the stream was handed out.
+    first: Option<Option<Result<Bytes, RequestError>>>,
     active: ActiveRequest,
     worker_id: InstanceId,
     overlap_blocks: u32,
@@ -409,7 +443,11 @@ impl GenerateStream {
         if self.done {
             return None;
         }
-        let item = match self.responses.next().await {
+        let raw = match self.first.take() {
+            Some(first) => first,
+            None => self.responses.next().await,
+        };
+        let item = match raw {
             None => None,
             Some(Err(source)) => Some(Err(GenerateError::Upstream {
                 worker_id: self.worker_id,

@@ -625,3 +625,36 @@ async fn http_request_plane_streams_cancels_and_fails_fast() {
     assert!(err.retryable(), "{err}");
     assert!(t0.elapsed() < Duration::from_secs(1));
 }
+
+/// A request made on a connection whose peer already closed it (a worker
+/// killed a moment earlier) must fail at once, retryably, not wait forever
+/// for a response that cannot come.
+#[tokio::test]
+async fn request_on_a_connection_closed_by_the_peer_fails_at_once() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let accept = tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        drop(s);
+    });
+    let client = TcpClient::connect(&addr, Duration::from_secs(1))
+        .await
+        .unwrap();
+    accept.await.unwrap();
+    // Let the client's reader see the close.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..20 {
+        let outcome = tokio::time::timeout(Duration::from_secs(2), async {
+            match client.request(Bytes::from_static(b"hello")).await {
+                Err(e) => Err(e),
+                Ok(mut s) => match s.next().await {
+                    Some(Err(e)) => Err(e),
+                    other => Ok(other.map(|r| r.is_ok())),
+                },
+            }
+        })
+        .await
+        .expect("a request on a closed connection hung");
+        assert_eq!(outcome, Err(RequestError::ConnectionLost));
+    }
+}

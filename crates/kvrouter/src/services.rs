@@ -19,8 +19,9 @@ use kvrouter_frontend::serve::{
     DEFAULT_ENGINE_BLOCK_SIZE, Embedded, EmbeddedConfig, RoutingConfig, start_engine_frontend,
     start_frontend,
 };
+use kvrouter_frontend::server::HttpLimits;
 use kvrouter_frontend::standin::StandIn;
-use kvrouter_frontend::{Endpoints, Preprocessor};
+use kvrouter_frontend::{HttpOptions, Preprocessor};
 use kvrouter_mocker::service::{self, WorkerConfig};
 use kvrouter_mocker::vllm::ZmqEventsConfig;
 use kvrouter_router::engines::EnginePoolConfig;
@@ -33,7 +34,8 @@ use kvrouter_runtime::node::{Node, Plane, new_instance_id};
 use tokio::net::TcpListener;
 
 use crate::cli::args::{
-    EndpointType, EventPlane as EventPlaneArg, ModelArgs, RequestPlane, RuntimeArgs, StoreKv,
+    EndpointType, EventPlane as EventPlaneArg, HttpArgs, ModelArgs, RequestPlane, RuntimeArgs,
+    StoreKv,
 };
 use crate::cli::{
     CallArgs, EngineCmdArgs, FrontendArgs, GlobalRouterArgs, MockerArgs, RouterArgs, ServeArgs,
@@ -79,8 +81,19 @@ fn preprocessor(model: &ModelArgs, template: Option<&Path>) -> anyhow::Result<Ar
     Ok(Arc::new(pre))
 }
 
-fn endpoints(types: &[EndpointType]) -> Endpoints {
-    Endpoints {
+fn http_options(types: &[EndpointType], http: &HttpArgs) -> HttpOptions {
+    let max_connections = match http.http_max_connections {
+        Some(n) => n,
+        None => auto_max_connections(),
+    };
+    HttpOptions {
+        limits: HttpLimits {
+            header_timeout: Duration::from_secs_f64(http.http_header_timeout),
+            body_timeout: Duration::from_secs_f64(http.http_body_timeout),
+            max_body_bytes: usize::try_from(http.http_max_body_bytes).unwrap_or(usize::MAX),
+            max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
+            graceful_timeout: Duration::from_secs_f64(http.graceful_shutdown_timeout),
+        },
         chat: types.contains(&EndpointType::Chat),
         completions: types.contains(&EndpointType::Completions),
     }
@@ -92,8 +105,32 @@ async fn bind(host: &str, port: u16) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen on {host}:{port}"))
 }
 
+/// Raises the open-file limit to its hard maximum and allows half of it as
+/// client connections: each proxied client may hold an upstream connection
+/// too, and the rest (etcd, NATS, engines, logs) needs a margin.
+fn auto_max_connections() -> u64 {
+    let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(1024);
+    (limit.saturating_sub(128) / 2).clamp(64, 1 << 20)
+}
+
+/// Resolves on SIGTERM (how orchestrators stop a process) or SIGINT (Ctrl-C).
 async fn shutdown_signal() {
-    let _ = tokio::signal::ctrl_c().await;
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops gracefully");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+    tracing::info!("shutdown signal: draining");
 }
 
 /// `kvrouter serve`.
@@ -126,7 +163,7 @@ pub fn serve(
             prefill_endpoint: None,
             enforce_disagg: false,
         },
-        endpoints: endpoints(&f.runtime.endpoint_types),
+        http: http_options(&f.runtime.endpoint_types, &f.http),
         namespace: f.runtime.namespace.clone(),
         eos_probability: EOS_PROBABILITY,
     };
@@ -178,7 +215,7 @@ fn engines_frontend(
             pre,
             routing,
             f.routing.kv_cache_block_size,
-            endpoints(&f.runtime.endpoint_types),
+            http_options(&f.runtime.endpoint_types, &f.http),
             listener,
         )
         .await
@@ -349,7 +386,7 @@ pub fn frontend(
                     .map_err(anyhow::Error::msg)?,
                 enforce_disagg: args.routing.enforce_disagg,
             },
-            endpoints(&args.runtime.endpoint_types),
+            http_options(&args.runtime.endpoint_types, &args.http),
             listener,
         )
         .await

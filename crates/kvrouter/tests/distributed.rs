@@ -2,79 +2,13 @@
 //! and `kvrouter router` registering in a real etcd, KV events over a real
 //! NATS, requests over TCP; `kvrouter call` talking to the router's endpoints.
 
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use kvrouter_runtime::testing::{EtcdServer, NatsServer};
+use common::Fleet;
 use serde_json::{Value, json};
-
-struct Fleet {
-    _nats: NatsServer,
-    _etcd: EtcdServer,
-    nats_url: String,
-    etcd_url: String,
-    children: Vec<Child>,
-}
-
-impl Drop for Fleet {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Fleet {
-    fn start() -> Self {
-        let nats = NatsServer::start().expect("nats-server (make test installs it)");
-        let etcd = EtcdServer::start().expect("etcd (make test installs it)");
-        Self {
-            nats_url: nats.url(),
-            etcd_url: etcd.endpoint(),
-            _nats: nats,
-            _etcd: etcd,
-            children: Vec::new(),
-        }
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_kvrouter"));
-        for (k, _) in std::env::vars() {
-            if k.starts_with("DYN_") {
-                c.env_remove(k);
-            }
-        }
-        c.args(args)
-            .env("NATS_SERVER", &self.nats_url)
-            .env("ETCD_ENDPOINTS", &self.etcd_url)
-            .env("RUST_LOG", "warn");
-        c
-    }
-
-    fn spawn(&mut self, args: &[&str]) {
-        let child = self
-            .cmd(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.children.push(child);
-    }
-
-    /// Runs `kvrouter call`; returns (exit code, JSON lines).
-    fn call(&self, endpoint: &str, body: &Value) -> (i32, Vec<Value>) {
-        let out = self
-            .cmd(&["call", endpoint, &body.to_string(), "--wait", "20"])
-            .output()
-            .unwrap();
-        let lines = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
-            .collect();
-        (out.status.code().unwrap_or(-1), lines)
-    }
-}
 
 fn prompt(n: u32) -> Vec<u32> {
     (0..n).map(|i| 3 + (i * 7919) % 4000).collect()

@@ -8,7 +8,7 @@ use std::time::Instant;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::HeaderMap;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use kvrouter_core::llm::{PreprocessedRequest, RoutingHints, SamplingOptions, StopConditions};
 use serde_json::json;
 
@@ -72,13 +72,21 @@ async fn dispatch(
     body: Bytes,
     build: impl FnOnce(&Frontend, &Bytes, Option<u32>) -> Result<Job, ApiError>,
 ) -> Response {
-    if let Backend::Engines(e) = &s.backend {
-        let e = e.clone();
-        return crate::passthrough::forward(s, &e, kind, headers, body).await;
+    // Past the shutdown grace period, a request still waiting for its answer gets a 503.
+    let cut = s.cut.clone();
+    let answer = async move {
+        if let Backend::Engines(e) = &s.backend {
+            let e = e.clone();
+            return crate::passthrough::forward(s, &e, kind, headers, body).await;
+        }
+        let started = Instant::now();
+        let job = header_dp_rank(&headers).and_then(|dp_rank| build(&s, &body, dp_rank));
+        respond(s, kind, job, started).await
+    };
+    tokio::select! {
+        r = answer => r,
+        () = cut.cancelled() => ApiError::shutting_down().into_response(),
     }
-    let started = Instant::now();
-    let job = header_dp_rank(&headers).and_then(|dp_rank| build(&s, &body, dp_rank));
-    respond(s, kind, job, started).await
 }
 
 pub(super) async fn chat(

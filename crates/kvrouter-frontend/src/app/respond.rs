@@ -90,6 +90,7 @@ pub(super) async fn respond(
         pending_finish: None,
         last_ids: Vec::new(),
         return_token_ids: job.return_token_ids,
+        created: super::unix_now(),
     };
     if job.stream {
         stream_response(run, job.include_usage)
@@ -115,6 +116,8 @@ pub(super) struct Run {
     last_ids: Vec<u32>,
     /// Put each chunk's token ids in it (vLLM's `return_token_ids`).
     return_token_ids: bool,
+    /// When this response was created (Unix seconds), as OpenAI reports it.
+    created: u64,
 }
 
 /// One step of a run.
@@ -204,7 +207,7 @@ impl Run {
     }
 
     fn chunk(&mut self, text: Option<&str>, role: bool, finish: Option<&str>) -> Value {
-        let created = self.s.created;
+        let created = self.created;
         match self.kind {
             Kind::Chat => {
                 let mut delta = serde_json::Map::new();
@@ -261,7 +264,7 @@ pub(super) async fn unary_response(mut run: Run) -> Response {
         Kind::Completion => "text_completion",
     };
     axum::Json(json!({
-        "id": run.id, "object": object, "created": run.s.created, "model": run.s.model,
+        "id": run.id, "object": object, "created": run.created, "model": run.s.model,
         "choices": [choice], "usage": run.usage(),
         "nvext": {"worker_id": run.routed.worker_id(), "dp_rank": run.routed.dp_rank(),
                   "overlap_blocks": run.routed.overlap_blocks()},
@@ -282,6 +285,7 @@ pub(super) fn event(v: &Value) -> Result<Event, Infallible> {
 }
 
 pub(super) fn stream_response(run: Run, include_usage: bool) -> Response {
+    let cut = run.s.cut.clone();
     let state = (run, Phase::Start, include_usage);
     let events = futures::stream::unfold(state, |(mut run, phase, usage)| async move {
         match phase {
@@ -331,6 +335,9 @@ pub(super) fn stream_response(run: Run, include_usage: bool) -> Response {
         }
     })
     .flat_map(futures::stream::iter);
+    let events = crate::server::until_cut(events, cut, || {
+        Ok(Event::default().data(ApiError::shutting_down().body().to_string()))
+    });
     Sse::new(events)
         .keep_alive(KeepAlive::default())
         .into_response()

@@ -227,7 +227,16 @@ async fn write_frames(wr: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::Receive
     }
 }
 
-type Pending = Arc<Mutex<HashMap<u64, mpsc::Sender<Result<Bytes, RequestError>>>>>;
+/// The requests awaiting responses on one connection. `closed` is set, under
+/// the same lock, when the connection's reader ends: a request registered after
+/// that would wait for a response that cannot come, so it is refused instead.
+#[derive(Default)]
+struct PendingMap {
+    open: HashMap<u64, mpsc::Sender<Result<Bytes, RequestError>>>,
+    closed: bool,
+}
+
+type Pending = Arc<Mutex<PendingMap>>;
 
 /// A client connection to one instance; cheap to clone, multiplexes requests.
 #[derive(Clone)]
@@ -268,14 +277,20 @@ impl TcpClient {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
-        self.pending.lock().expect("pending lock").insert(id, tx);
+        {
+            let mut p = self.pending.lock().expect("pending lock");
+            if p.closed {
+                return Err(RequestError::ConnectionLost);
+            }
+            p.open.insert(id, tx);
+        }
         if self
             .tx
             .send(Frame::new(Kind::Request, id, body))
             .await
             .is_err()
         {
-            self.pending.lock().expect("pending lock").remove(&id);
+            self.pending.lock().expect("pending lock").open.remove(&id);
             return Err(RequestError::ConnectionLost);
         }
         Ok(ResponseStream {
@@ -291,7 +306,12 @@ impl TcpClient {
 async fn read_responses<R: AsyncRead + Unpin>(rd: R, pending: Pending, max_frame: usize) {
     let mut frames = FramedRead::new(rd, FrameCodec::new(max_frame));
     while let Some(Ok(f)) = frames.next().await {
-        let tx = pending.lock().expect("pending lock").get(&f.id).cloned();
+        let tx = pending
+            .lock()
+            .expect("pending lock")
+            .open
+            .get(&f.id)
+            .cloned();
         let Some(tx) = tx else { continue }; // cancelled by the caller
         let item = match f.kind {
             Kind::Data => Ok(f.payload),
@@ -299,19 +319,23 @@ async fn read_responses<R: AsyncRead + Unpin>(rd: R, pending: Pending, max_frame
                 String::from_utf8_lossy(&f.payload).into_owned(),
             )),
             Kind::End => {
-                pending.lock().expect("pending lock").remove(&f.id);
+                pending.lock().expect("pending lock").open.remove(&f.id);
                 continue; // dropping the sender ends the stream
             }
             _ => continue,
         };
         let last = item.is_err();
         if last {
-            pending.lock().expect("pending lock").remove(&f.id);
+            pending.lock().expect("pending lock").open.remove(&f.id);
         }
         let _ = tx.send(item).await;
     }
     // The connection is gone: every open stream ends with an error.
-    let open: Vec<_> = pending.lock().expect("pending lock").drain().collect();
+    let open: Vec<_> = {
+        let mut p = pending.lock().expect("pending lock");
+        p.closed = true;
+        p.open.drain().collect()
+    };
     for (_, tx) in open {
         let _ = tx.send(Err(RequestError::ConnectionLost)).await;
     }
@@ -346,6 +370,7 @@ impl Drop for ResponseStream {
             .pending
             .lock()
             .expect("pending lock")
+            .open
             .remove(&self.id)
             .is_some()
         {

@@ -314,6 +314,24 @@ pub struct HttpArgs {
     /// Port to listen on.
     #[arg(long, default_value_t = 8000, help_heading = "HTTP")]
     pub http_port: u16,
+    /// Longest wait for a request's headers, and for the next request on an
+    /// idle keep-alive connection; a slower client is disconnected.
+    #[arg(long, value_name = "DURATION", default_value = "10", value_parser = parse_positive_secs, help_heading = "HTTP")]
+    pub http_header_timeout: f64,
+    /// Longest wait for a request's body (a slower one gets 408).
+    #[arg(long, value_name = "DURATION", default_value = "30", value_parser = parse_positive_secs, help_heading = "HTTP")]
+    pub http_body_timeout: f64,
+    /// Largest request body in bytes (a larger one gets 413).
+    #[arg(long, value_name = "BYTES", default_value_t = 8 << 20, value_parser = clap::value_parser!(u64).range(1..), help_heading = "HTTP")]
+    pub http_max_body_bytes: u64,
+    /// Connections served at once; past it a client gets 503 [default: half
+    /// the open-file limit, which is raised to its hard maximum first].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), help_heading = "HTTP")]
+    pub http_max_connections: Option<u64>,
+    /// On SIGTERM or SIGINT: how long in-flight requests may run before they
+    /// are ended with an error (new connections are refused at once).
+    #[arg(long, value_name = "DURATION", default_value = "30", value_parser = parse_secs, help_heading = "HTTP")]
+    pub graceful_shutdown_timeout: f64,
 }
 
 /// The model served.
@@ -520,6 +538,14 @@ impl EngineArgs {
     /// Resolved switch.
     pub fn enable_chunked_prefill(&self) -> bool {
         !self.no_enable_chunked_prefill
+    }
+}
+
+/// A duration (as [`parse_secs`]) that must be more than zero.
+pub fn parse_positive_secs(s: &str) -> Result<f64, String> {
+    match parse_secs(s)? {
+        v if v > 0.0 => Ok(v),
+        _ => Err(format!("{s:?}: must be more than zero")),
     }
 }
 

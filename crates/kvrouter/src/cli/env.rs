@@ -162,6 +162,14 @@ pub const ENV: &[EnvVar] = &[
     // Frontend.
     value("http_host", &["DYN_HTTP_HOST"]),
     value("http_port", &["DYN_HTTP_PORT"]),
+    value("http_header_timeout", &["DYN_HTTP_HEADER_TIMEOUT"]),
+    value("http_body_timeout", &["DYN_HTTP_BODY_TIMEOUT"]),
+    value("http_max_body_bytes", &["DYN_HTTP_MAX_BODY_BYTES"]),
+    value("http_max_connections", &["DYN_HTTP_MAX_CONNECTIONS"]),
+    value(
+        "graceful_shutdown_timeout",
+        &["DYN_GRACEFUL_SHUTDOWN_TIMEOUT"],
+    ),
     value("router_mode", &["DYN_ROUTER_MODE"]),
     value("kv_cache_block_size", &["DYN_KV_CACHE_BLOCK_SIZE"]),
     value("model_name", &["DYN_MODEL_NAME"]),

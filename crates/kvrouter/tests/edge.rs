@@ -1,0 +1,338 @@
+//! The HTTP edge and shutdown, tried as an operator would: a real `kvrouter
+//! serve` process, raw sockets for the clients that misbehave, and SIGTERM
+//! sent by `kill`. What is asserted is what matters to the operator: every
+//! answer the server itself makes is OpenAI error JSON, a slow client costs a
+//! bounded time, and no stream is cut without an error event.
+
+use std::io::BufRead;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Starts `kvrouter serve` on a free port with `extra` flags; returns it and its URL.
+async fn serve(extra: &[&str]) -> (Child, String) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kvrouter"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("DYN_") {
+            c.env_remove(k);
+        }
+    }
+    let mut child = c
+        .args([
+            "serve",
+            "--http-host",
+            "127.0.0.1",
+            "--http-port",
+            "0",
+            "--workers",
+            "2",
+        ])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .unwrap();
+        line
+    })
+    .await
+    .unwrap();
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    (child, url)
+}
+
+fn addr(url: &str) -> &str {
+    url.trim_start_matches("http://")
+}
+
+/// Sends `raw` on a new connection and reads until the server closes it (or `within` passes).
+async fn raw(url: &str, raw: &[u8], within: Duration) -> (String, Duration) {
+    let t = Instant::now();
+    let mut s = TcpStream::connect(addr(url)).await.unwrap();
+    s.write_all(raw).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(within, s.read_to_end(&mut out)).await;
+    (String::from_utf8_lossy(&out).into_owned(), t.elapsed())
+}
+
+/// The status and JSON body of a raw HTTP/1.1 answer.
+fn parse(answer: &str) -> (u16, Value) {
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {answer:?}"));
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or("");
+    let v = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {answer:?}"));
+    (status, v)
+}
+
+fn assert_openai_error(v: &Value, what: &str) {
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty())
+            && v["error"]["type"].is_string(),
+        "{what}: not an OpenAI error: {v}"
+    );
+}
+
+#[tokio::test]
+async fn slow_oversized_and_malformed_requests_get_openai_errors() {
+    let (mut child, url) = serve(&[
+        "--http-header-timeout",
+        "1",
+        "--http-body-timeout",
+        "1",
+        "--http-max-body-bytes",
+        "1000",
+        "--http-max-connections",
+        "8",
+    ])
+    .await;
+    let t0 = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+
+    // Headers that never end: the connection is closed after the header timeout.
+    let (_, took) = raw(
+        &url,
+        b"GET /live HTTP/1.1\r\nHost: x\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(took < Duration::from_secs(3), "slow headers held {took:?}");
+
+    // A body shorter than its Content-Length: 408 after the body timeout.
+    let (a, took) = raw(
+        &url,
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\"",
+        Duration::from_secs(5),
+    )
+    .await;
+    let (status, v) = parse(&a);
+    assert_eq!(status, 408, "{a}");
+    assert_openai_error(&v, "slow body");
+    assert!(took < Duration::from_secs(3), "slow body held {took:?}");
+
+    // A malformed chunked body: 400.
+    let (a, _) = raw(
+        &url,
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    let (status, v) = parse(&a);
+    assert_eq!(status, 400, "{a}");
+    assert_openai_error(&v, "bad chunked body");
+
+    let client = reqwest::Client::new();
+    let check = |r: reqwest::Response, want: u16, what: &'static str| async move {
+        assert_eq!(r.status().as_u16(), want, "{what}");
+        let v: Value = r
+            .json()
+            .await
+            .unwrap_or_else(|_| panic!("{what}: not JSON"));
+        assert_openai_error(&v, what);
+    };
+    // Too large, declared and chunked.
+    let big = json!({"model": "mock-model", "prompt": "x".repeat(2000)});
+    check(
+        client
+            .post(format!("{url}/v1/completions"))
+            .json(&big)
+            .send()
+            .await
+            .unwrap(),
+        413,
+        "declared too large",
+    )
+    .await;
+    let chunks = futures::stream::iter(vec![
+        Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b' '; 800])),
+        Ok(bytes::Bytes::from(vec![b' '; 800])),
+    ]);
+    check(
+        client
+            .post(format!("{url}/v1/completions"))
+            .body(reqwest::Body::wrap_stream(chunks))
+            .send()
+            .await
+            .unwrap(),
+        413,
+        "chunked too large",
+    )
+    .await;
+    // The framework's own answers: wrong method, long target, large headers.
+    check(
+        client
+            .get(format!("{url}/v1/chat/completions"))
+            .send()
+            .await
+            .unwrap(),
+        405,
+        "method",
+    )
+    .await;
+    check(
+        client
+            .get(format!("{url}/live?{}", "q".repeat(9000)))
+            .send()
+            .await
+            .unwrap(),
+        414,
+        "target",
+    )
+    .await;
+    check(
+        client
+            .get(format!("{url}/live"))
+            .header("x-big", "h".repeat(70_000))
+            .send()
+            .await
+            .unwrap(),
+        431,
+        "headers",
+    )
+    .await;
+
+    // Each response has its own `created`, not the server's start time.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let v: Value = client
+        .post(format!("{url}/v1/completions"))
+        .json(&json!({"model": "mock-model", "prompt": "hi", "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(v["created"].as_u64().unwrap() > t0, "{v}");
+
+    // Past the connection limit: 503, while the connections held stay served.
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(TcpStream::connect(addr(&url)).await.unwrap());
+    }
+    let (a, _) = raw(
+        &url,
+        b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
+    let (status, v) = parse(&a);
+    assert_eq!(status, 503, "{a}");
+    assert_openai_error(&v, "connection limit");
+    held[0]
+        .write_all(b"GET /live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    held[0].read_to_end(&mut out).await.unwrap();
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
+    drop(held);
+
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// How a stream ended.
+#[derive(Debug, PartialEq)]
+enum End {
+    Done,
+    Error,
+    Cut,
+}
+
+async fn stream(client: reqwest::Client, url: String, max_tokens: u32) -> End {
+    let r = client
+        .post(format!("{url}/v1/completions"))
+        .json(
+            &json!({"model": "mock-model", "prompt": "tell me a story", "max_tokens": max_tokens,
+                      "ignore_eos": true, "stream": true}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let mut body = r.bytes_stream();
+    let mut text = String::new();
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(c) => text.push_str(&String::from_utf8_lossy(&c)),
+            Err(_) => return End::Cut,
+        }
+    }
+    if text.contains("data: [DONE]") {
+        End::Done
+    } else if text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .any(|v| v["error"]["message"].is_string())
+    {
+        End::Error
+    } else {
+        End::Cut
+    }
+}
+
+#[tokio::test]
+async fn sigterm_drains_short_streams_and_ends_long_ones_with_an_error() {
+    let grace = 2.0;
+    let (mut child, url) =
+        serve(&["--graceful-shutdown-timeout", "2", "--speedup-ratio", "1"]).await;
+    let client = reqwest::Client::new();
+    // Short streams finish inside the grace period; long ones cannot.
+    let mut short = Vec::new();
+    let mut long = Vec::new();
+    for _ in 0..10 {
+        short.push(tokio::spawn(stream(client.clone(), url.clone(), 20)));
+        long.push(tokio::spawn(stream(client.clone(), url.clone(), 20_000)));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let signalled = Instant::now();
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    // New connections are refused once the server stops accepting.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        TcpStream::connect(addr(&url)).await.is_err(),
+        "still accepting after SIGTERM"
+    );
+    for s in short {
+        assert_eq!(s.await.unwrap(), End::Done, "a short stream did not finish");
+    }
+    for s in long {
+        assert_eq!(
+            s.await.unwrap(),
+            End::Error,
+            "a long stream was not ended with an error event"
+        );
+    }
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    let took = signalled.elapsed().as_secs_f64();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        took >= grace - 0.2 && took < grace + 6.0,
+        "exited {took} s after SIGTERM"
+    );
+}
