@@ -22,6 +22,7 @@ use kvrouter_router::{KvRouter, WorkerPool};
 use prometheus::Registry;
 use serde_json::Value;
 
+use crate::error::ApiError;
 use crate::metrics::FrontendMetrics;
 use crate::server::HttpLimits;
 use crate::tokenizer::Preprocessor;
@@ -35,6 +36,7 @@ use admin::{
 };
 pub(crate) use pipeline::{Kind, Tracker, check_model, count_rejected, header_dp_rank};
 use pipeline::{chat, completions};
+pub(crate) use respond::ttft_exceeded;
 
 /// The HTTP side: which OpenAI endpoints are served, and the server's limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +91,8 @@ pub struct Frontend {
     prefill: Option<(PrefillClient, bool)>,
     /// Fires when the shutdown grace period is over: what still streams ends with an error.
     pub(crate) cut: tokio_util::sync::CancellationToken,
+    /// Tokenizing big prompts: one at a time per core, off the async threads.
+    tokenizing: tokio::sync::Semaphore,
     /// Set when this frontend stands in for an engine (`kvrouter mocker --openai-port`).
     facade: parking_lot::RwLock<Option<EngineFacade>>,
 }
@@ -129,6 +133,9 @@ impl Frontend {
             salt: (now.as_nanos() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
             prefill,
             cut: tokio_util::sync::CancellationToken::new(),
+            tokenizing: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
+            ),
             facade: parking_lot::RwLock::new(None),
         }))
     }
@@ -165,11 +172,37 @@ impl Frontend {
         &self.metrics
     }
 
+    /// Runs `f` (templating and tokenizing) for a request of `bytes`: inline
+    /// when small, else on the blocking pool, at most one per core at a time,
+    /// so big prompts neither stall the async threads (`/live`, small
+    /// requests) nor oversubscribe the cores.
+    pub(crate) async fn preprocess<T: Send + 'static>(
+        &self,
+        bytes: usize,
+        f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        if bytes < INLINE_PREPROCESS_BYTES {
+            return f();
+        }
+        let _turn = self
+            .tokenizing
+            .acquire()
+            .await
+            .map_err(|_| ApiError::shutting_down())?;
+        tokio::task::spawn_blocking(f)
+            .await
+            .unwrap_or_else(|e| Err(ApiError::internal(format!("preprocessing failed: {e}"))))
+    }
+
     pub(crate) fn next_id(&self, prefix: &str) -> String {
         let n = self.ids.fetch_add(1, Ordering::Relaxed);
         format!("{prefix}-{:016x}{n:08x}", self.salt)
     }
 }
+
+/// Requests smaller than this are templated and tokenized on the async thread:
+/// a few hundred microseconds at most, less than a hand-off to another thread.
+const INLINE_PREPROCESS_BYTES: usize = 32 << 10;
 
 /// Seconds since the Unix epoch (each response's `created`).
 pub(crate) fn unix_now() -> u64 {

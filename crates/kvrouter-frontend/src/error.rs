@@ -110,6 +110,11 @@ impl ApiError {
         )
     }
 
+    /// 504: the request ran out of time.
+    pub fn timeout(message: impl Into<String>) -> Self {
+        Self::edge(StatusCode::GATEWAY_TIMEOUT, message)
+    }
+
     /// The JSON body.
     pub fn body(&self) -> serde_json::Value {
         json!({"error": {

@@ -190,14 +190,76 @@ pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError>
     let v: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::invalid(format!("invalid request body: {e}"), None))?;
     check_kinds(&v)?;
-    serde_json::from_value(v).map_err(|e| {
-        let msg = e.to_string();
-        let param = msg
-            .strip_prefix("missing field `")
-            .and_then(|r| r.split('`').next())
-            .map(str::to_string);
-        ApiError::invalid(format!("invalid request body: {msg}"), param.as_deref())
-    })
+    serde_json::from_value(v).map_err(typed_error)
+}
+
+fn typed_error(e: serde_json::Error) -> ApiError {
+    let msg = e.to_string();
+    let param = msg
+        .strip_prefix("missing field `")
+        .and_then(|r| r.split('`').next())
+        .map(str::to_string);
+    ApiError::invalid(format!("invalid request body: {msg}"), param.as_deref())
+}
+
+/// Parses a request kvrouter answers itself (mock or token-level workers):
+/// as [`parse`], and a field it would otherwise accept and ignore is refused,
+/// by name. (Requests for engines are forwarded, and the engine decides.)
+pub fn parse_for_generation<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let v: Value = parse(body)?;
+    refuse_unsupported(&v)?;
+    serde_json::from_value(v).map_err(typed_error)
+}
+
+/// Fields kvrouter's own generation does not implement, when set to
+/// something other than their "off" value.
+fn refuse_unsupported(v: &Value) -> Result<(), ApiError> {
+    let off = |x: &Value| {
+        x.is_null() || x == &Value::Bool(false) || x.as_u64() == Some(0) || x.as_str() == Some("")
+    };
+    let empty = |x: &Value| x.as_object().is_some_and(serde_json::Map::is_empty);
+    for name in ["logprobs", "top_logprobs", "echo", "suffix", "logit_bias"] {
+        if let Some(x) = v.get(name).filter(|x| !off(x) && !empty(x)) {
+            return Err(ApiError::invalid(
+                format!("`{name}` is not supported by this server (got {x})"),
+                Some(name),
+            ));
+        }
+    }
+    if let Some(b) = v.get("best_of").and_then(Value::as_u64)
+        && b > 1
+    {
+        return Err(ApiError::invalid(
+            format!("`best_of` must be 1 (got {b}): one candidate per request is supported"),
+            Some("best_of"),
+        ));
+    }
+    if let Some(f) = v.get("response_format")
+        && !f.is_null()
+        && f.get("type").and_then(Value::as_str) != Some("text")
+    {
+        return Err(ApiError::invalid(
+            format!("`response_format` {f} is not supported: only {{\"type\": \"text\"}}"),
+            Some("response_format"),
+        ));
+    }
+    // A tool_choice naming a function must name one of `tools`.
+    if let Some(name) = v
+        .pointer("/tool_choice/function/name")
+        .and_then(Value::as_str)
+    {
+        let defined = v.get("tools").and_then(Value::as_array).is_some_and(|t| {
+            t.iter()
+                .any(|t| t.pointer("/function/name").and_then(Value::as_str) == Some(name))
+        });
+        if !defined {
+            return Err(ApiError::invalid(
+                format!("`tool_choice` names the function `{name}`, which `tools` does not define"),
+                Some("tool_choice"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Range checks every endpoint shares.

@@ -28,7 +28,7 @@ use serde_json::Value;
 use crate::app::{Frontend, Kind, Tracker, check_model, count_rejected, header_dp_rank};
 use crate::error::ApiError;
 use crate::openai::{self, ChatRequest};
-use crate::server::{Forwarded, until_cut};
+use crate::server::Forwarded;
 
 /// Headers passed on to the engine (the rest are hop-by-hop or the router's own).
 const FORWARDED: &[&str] = &["authorization", "x-request-id", "traceparent", "tracestate"];
@@ -75,6 +75,7 @@ pub(crate) async fn forward(
     kind: Kind,
     headers: HeaderMap,
     body: Bytes,
+    ttft_timeout: std::time::Duration,
 ) -> Response {
     let started = Instant::now();
     let checked = (|| {
@@ -122,13 +123,15 @@ pub(crate) async fn forward(
         dp_rank: None,
     };
     let jump = priority_jump(v.pointer("/nvext/agent_hints/latency_sensitivity"));
-    let mut routed = match engines
-        .forward(&prompt, config_override.as_ref(), &id, dp_rank, jump, req)
-        .await
-    {
-        Ok(p) => p,
-        Err(ForwardError::Route(e)) => return ApiError::from(e).into_response(),
-        Err(ForwardError::Upstream(e)) => return ApiError::from(e).into_response(),
+    let forwarded = tokio::time::timeout(
+        ttft_timeout,
+        engines.forward(&prompt, config_override.as_ref(), &id, dp_rank, jump, req),
+    );
+    let mut routed = match forwarded.await {
+        Err(_) => return crate::app::ttft_exceeded(ttft_timeout).into_response(),
+        Ok(Ok(p)) => p,
+        Ok(Err(ForwardError::Route(e))) => return ApiError::from(e).into_response(),
+        Ok(Err(ForwardError::Upstream(e))) => return ApiError::from(e).into_response(),
     };
     tracker.ok = routed.status < 400;
     let model = s.model().to_string();
@@ -153,17 +156,7 @@ pub(crate) async fn forward(
     let worker = routed.worker_id.to_string();
     let rank = routed.dp_rank.to_string();
     let overlap = routed.overlap_blocks.to_string();
-    let sse = content_type.starts_with("text/event-stream");
-    // Past the shutdown grace period: an event stream ends with an error event,
-    // any other body with a broken connection (there is no way to say more).
-    let body = until_cut(routed.into_body(), s.cut.clone(), move || {
-        if sse {
-            let e = ApiError::shutting_down().body();
-            Ok(Bytes::from(format!("data: {e}\n\n")))
-        } else {
-            Err(std::io::Error::other("the server is shutting down"))
-        }
-    });
+    let body = routed.into_body();
     let mut res = (
         status,
         [

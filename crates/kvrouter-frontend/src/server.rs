@@ -48,6 +48,10 @@ pub struct HttpLimits {
     pub max_connections: usize,
     /// On shutdown, how long in-flight requests may take before they are ended with an error.
     pub graceful_timeout: Duration,
+    /// Longest time a request may take, answer included (then 504 or an error event).
+    pub request_timeout: Duration,
+    /// Longest wait for a request's first response from its worker or engine (then 504).
+    pub ttft_timeout: Duration,
 }
 
 impl Default for HttpLimits {
@@ -58,6 +62,8 @@ impl Default for HttpLimits {
             max_body_bytes: 8 << 20,
             max_connections: 4096,
             graceful_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(3600),
+            ttft_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -70,7 +76,8 @@ pub(crate) struct Forwarded;
 /// Adds the edge's layers to `app`: size and time limits on each request, and
 /// OpenAI error JSON for the framework's own error responses.
 pub(crate) fn harden(app: Router, limits: HttpLimits) -> Router {
-    app.layer(axum::middleware::from_fn(as_openai_error))
+    app.layer(axum::Extension(limits))
+        .layer(axum::middleware::from_fn(as_openai_error))
         .layer(axum::middleware::from_fn_with_state(limits, read_request))
         // The body is read (and bounded) by `read_request`; the extractors see it whole.
         .layer(axum::extract::DefaultBodyLimit::disable())
@@ -270,21 +277,63 @@ async fn refuse(mut tcp: TcpStream, limit: usize) {
     .await;
 }
 
-/// Ends `stream` when `cut` fires, with `last` as its final item — the error
-/// event a client reads instead of a stream that just stops.
-pub(crate) fn until_cut<S, T>(
-    stream: S,
-    cut: CancellationToken,
-    last: impl FnOnce() -> T + Send + 'static,
-) -> impl futures::Stream<Item = T> + Send
-where
-    S: futures::Stream<Item = T> + Send + 'static,
-    T: Send + 'static,
-{
+/// Why a response was ended early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stopped {
+    /// The shutdown grace period is over.
+    Shutdown,
+    /// `--request-timeout` passed.
+    Timeout,
+}
+
+/// Resolves when a request must end: at shutdown's cut or at its deadline.
+pub(crate) async fn bounded(cut: CancellationToken, deadline: tokio::time::Instant) -> Stopped {
+    tokio::select! {
+        () = cut.cancelled_owned() => Stopped::Shutdown,
+        () = tokio::time::sleep_until(deadline) => Stopped::Timeout,
+    }
+}
+
+/// Ends `res`'s body when `stop` resolves. An event stream gets a last error
+/// event saying why — a client reads that instead of a stream that just
+/// stops; any other body can only be broken off.
+pub(crate) fn until_stopped(
+    res: Response,
+    stop: impl std::future::Future<Output = Stopped> + Send + 'static,
+    request_timeout: Duration,
+) -> Response {
     use futures::StreamExt;
-    let fired = cut.clone();
-    stream.take_until(cut.cancelled_owned()).chain(
-        futures::stream::once(async move { fired.is_cancelled().then(last) })
-            .filter_map(futures::future::ready),
-    )
+    let sse = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let (parts, body) = res.into_parts();
+    let why = Arc::new(parking_lot::Mutex::new(None));
+    let seen = why.clone();
+    let stop = async move {
+        let r = stop.await;
+        *seen.lock() = Some(r);
+    };
+    let last = futures::stream::once(async move {
+        let why = *why.lock();
+        let e = match why? {
+            Stopped::Shutdown => ApiError::shutting_down(),
+            Stopped::Timeout => ApiError::timeout(format!(
+                "the request did not finish within {} s (--request-timeout)",
+                request_timeout.as_secs_f64()
+            )),
+        };
+        Some(if sse {
+            Ok(axum::body::Bytes::from(format!("data: {}\n\n", e.body())))
+        } else {
+            Err(std::io::Error::other(e.message))
+        })
+    })
+    .filter_map(futures::future::ready);
+    let body = body
+        .into_data_stream()
+        .map(|r| r.map_err(std::io::Error::other))
+        .take_until(stop)
+        .chain(last);
+    Response::from_parts(parts, Body::from_stream(body))
 }

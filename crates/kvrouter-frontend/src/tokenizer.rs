@@ -99,6 +99,10 @@ pub struct Preprocessor {
     context_length: u32,
     /// Ids of ordinary (non-special) tokens, for mock generation.
     ordinary: std::ops::Range<u32>,
+    /// Token ids run from 0 to this (added tokens included).
+    vocab_size: u32,
+    /// No token covers more bytes of text than this.
+    max_token_bytes: usize,
 }
 
 impl std::fmt::Debug for Preprocessor {
@@ -194,11 +198,22 @@ impl Preprocessor {
         } else {
             0..vocab.max(1)
         };
+        // A vocabulary entry of n characters stands for at most 4n bytes of
+        // UTF-8 text (byte-level BPE spells each byte as one character).
+        let max_token_bytes = tokenizer
+            .get_vocab(true)
+            .keys()
+            .map(|k| k.chars().count() * 4)
+            .max()
+            .unwrap_or(1)
+            .max(1);
         let context_length = config
             .model_max_length
             .filter(|v| v.is_finite() && *v >= 1.0 && *v < 1e9)
             .map_or(DEFAULT_CONTEXT_LENGTH, |v| v as u32);
         Ok(Self {
+            vocab_size: vocab,
+            max_token_bytes,
             cache: TokenCache::new(&tokenizer),
             tokenizer,
             template,
@@ -223,6 +238,17 @@ impl Preprocessor {
     /// End-of-sequence token ids.
     pub fn eos_token_ids(&self) -> &[u32] {
         &self.eos_token_ids
+    }
+
+    /// Token ids are below this.
+    pub fn vocab_size(&self) -> u32 {
+        self.vocab_size
+    }
+
+    /// The fewest tokens `text` can encode to, known without encoding it: an
+    /// oversized prompt is refused before the (costly) tokenizer runs.
+    pub fn min_tokens(&self, text: &str) -> usize {
+        text.len().div_ceil(self.max_token_bytes)
     }
 
     /// Ordinary token ids (specials excluded).

@@ -288,6 +288,11 @@ impl WorkerPool {
             .map(str::to_string)
     }
 
+    /// Whether discovery announced worker `id`.
+    pub fn has_worker(&self, id: InstanceId) -> bool {
+        self.instances.read().contains_key(&id)
+    }
+
     /// The live instances.
     pub fn instances(&self) -> Vec<Instance> {
         self.instances

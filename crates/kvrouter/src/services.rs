@@ -93,6 +93,8 @@ fn http_options(types: &[EndpointType], http: &HttpArgs) -> HttpOptions {
             max_body_bytes: usize::try_from(http.http_max_body_bytes).unwrap_or(usize::MAX),
             max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
             graceful_timeout: Duration::from_secs_f64(http.graceful_shutdown_timeout),
+            request_timeout: Duration::from_secs_f64(http.request_timeout),
+            ttft_timeout: Duration::from_secs_f64(http.ttft_timeout),
         },
         chat: types.contains(&EndpointType::Chat),
         completions: types.contains(&EndpointType::Completions),

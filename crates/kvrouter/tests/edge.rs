@@ -336,3 +336,157 @@ async fn sigterm_drains_short_streams_and_ends_long_ones_with_an_error() {
         "exited {took} s after SIGTERM"
     );
 }
+
+#[tokio::test]
+async fn slow_requests_end_with_timeout_errors() {
+    // A slow first token: prefill of a long prompt at a hundredth of real speed.
+    let (mut slow, url) = serve(&["--speedup-ratio", "0.01", "--ttft-timeout", "300ms"]).await;
+    let client = reqwest::Client::new();
+    let t = Instant::now();
+    let r = client
+        .post(format!("{url}/v1/completions"))
+        .json(&json!({"model": "mock-model", "prompt": "word ".repeat(3000), "max_tokens": 4}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 504);
+    let v: Value = r.json().await.unwrap();
+    assert_openai_error(&v, "ttft");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--ttft-timeout"),
+        "{v}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    slow.kill().unwrap();
+    slow.wait().unwrap();
+
+    // A long answer: the stream ends with an error event, a unary request gets 504.
+    let (mut child, url) = serve(&["--speedup-ratio", "1", "--request-timeout", "1"]).await;
+    let t = Instant::now();
+    let end = stream(client.clone(), url.clone(), 20_000).await;
+    assert_eq!(end, End::Error);
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+    let r = client
+        .post(format!("{url}/v1/completions"))
+        .json(&json!({"model": "mock-model", "prompt": "hi", "max_tokens": 20_000, "ignore_eos": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 504);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--request-timeout"),
+        "{v}"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[tokio::test]
+async fn what_kvrouter_cannot_honour_is_refused_by_name() {
+    let (mut child, url) = serve(&[]).await;
+    let client = reqwest::Client::new();
+    let chat = |extra: Value| {
+        let mut b = json!({"model": "mock-model", "max_tokens": 2,
+                           "messages": [{"role": "user", "content": "hi"}]});
+        b.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        b
+    };
+    let completion = |extra: Value| {
+        let mut b = json!({"model": "mock-model", "max_tokens": 2, "prompt": "hi"});
+        b.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        b
+    };
+    let cases = [
+        (
+            "chat/completions",
+            chat(json!({"logprobs": true})),
+            "logprobs",
+        ),
+        (
+            "chat/completions",
+            chat(json!({"top_logprobs": 3})),
+            "top_logprobs",
+        ),
+        ("completions", completion(json!({"echo": true})), "echo"),
+        ("completions", completion(json!({"best_of": 3})), "best_of"),
+        (
+            "completions",
+            completion(json!({"logprobs": 2})),
+            "logprobs",
+        ),
+        (
+            "chat/completions",
+            chat(json!({"response_format": {"type": "json_object"}})),
+            "response_format",
+        ),
+        (
+            "chat/completions",
+            chat(
+                json!({"tools": [{"type": "function", "function": {"name": "get_weather"}}],
+                        "tool_choice": {"type": "function", "function": {"name": "book_flight"}}}),
+            ),
+            "tool_choice",
+        ),
+        (
+            "completions",
+            json!({"model": "mock-model", "prompt": [1, 2, 999_999_999]}),
+            "prompt",
+        ),
+        (
+            "completions",
+            completion(json!({"nvext": {"backend_instance_id": 12345}})),
+            "nvext",
+        ),
+    ];
+    for (path, body, param) in cases {
+        let r = client
+            .post(format!("{url}/v1/{path}"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 400, "{param}: {body}");
+        let v: Value = r.json().await.unwrap();
+        assert_openai_error(&v, param);
+        assert_eq!(v["error"]["param"], param, "{v}");
+    }
+    // The off values of the same fields are fine.
+    let r = client
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&chat(
+            json!({"logprobs": false, "response_format": {"type": "text"}}),
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    // A prompt too long for the context whatever its tokens: refused before tokenizing.
+    let t = Instant::now();
+    let r = client
+        .post(format!("{url}/v1/completions"))
+        .json(&json!({"model": "mock-model", "prompt": "a".repeat(6_000_000)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use kvrouter_core::llm::{PreprocessedRequest, RoutingHints, SamplingOptions, StopConditions};
@@ -14,6 +14,7 @@ use serde_json::json;
 
 use crate::error::ApiError;
 use crate::openai::{self, ChatRequest, Common, CompletionRequest, Prompt};
+use crate::server::{HttpLimits, bounded, until_stopped};
 
 use super::respond::respond;
 use super::{Backend, Frontend};
@@ -65,37 +66,71 @@ pub(crate) fn header_dp_rank(headers: &HeaderMap) -> Result<Option<u32>, ApiErro
 
 /// What both OpenAI routes share: engines get the body as it came; mock
 /// workers get the job `build` makes of it, answered by [`respond`].
+///
+/// Every request is bounded: its whole answer within `--request-timeout` and
+/// nothing past the shutdown grace period (see [`bounded`]); the first
+/// response from the worker or engine within `--ttft-timeout` (`respond`,
+/// `passthrough`).
 async fn dispatch(
     s: Arc<Frontend>,
+    limits: HttpLimits,
     kind: Kind,
     headers: HeaderMap,
     body: Bytes,
-    build: impl FnOnce(&Frontend, &Bytes, Option<u32>) -> Result<Job, ApiError>,
+    build: impl FnOnce(&Frontend, &Bytes, Option<u32>) -> Result<Job, ApiError> + Send + 'static,
 ) -> Response {
-    // Past the shutdown grace period, a request still waiting for its answer gets a 503.
-    let cut = s.cut.clone();
-    let answer = async move {
-        if let Backend::Engines(e) = &s.backend {
-            let e = e.clone();
-            return crate::passthrough::forward(s, &e, kind, headers, body).await;
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::from_std(started) + limits.request_timeout;
+    let stop = bounded(s.cut.clone(), deadline);
+    let answer = {
+        let s = s.clone();
+        async move {
+            if let Backend::Engines(e) = &s.backend {
+                let e = e.clone();
+                return crate::passthrough::forward(
+                    s,
+                    &e,
+                    kind,
+                    headers,
+                    body,
+                    limits.ttft_timeout,
+                )
+                .await;
+            }
+            let job = match header_dp_rank(&headers) {
+                Ok(dp_rank) => {
+                    let p = s.clone();
+                    s.preprocess(body.len(), move || build(&p, &body, dp_rank))
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            respond(s, kind, job, started, limits.ttft_timeout).await
         }
-        let started = Instant::now();
-        let job = header_dp_rank(&headers).and_then(|dp_rank| build(&s, &body, dp_rank));
-        respond(s, kind, job, started).await
     };
-    tokio::select! {
+    let res = tokio::select! {
         r = answer => r,
-        () = cut.cancelled() => ApiError::shutting_down().into_response(),
-    }
+        () = s.cut.cancelled() => return ApiError::shutting_down().into_response(),
+        // The request's tracker, dropped with `answer`, counts it as an error.
+        () = tokio::time::sleep_until(deadline) => {
+            return ApiError::timeout(format!(
+                "the request did not finish within {} s (--request-timeout)",
+                limits.request_timeout.as_secs_f64()
+            ))
+            .into_response();
+        }
+    };
+    until_stopped(res, stop, limits.request_timeout)
 }
 
 pub(super) async fn chat(
     State(s): State<Arc<Frontend>>,
+    Extension(limits): Extension<HttpLimits>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    dispatch(s, Kind::Chat, headers, body, |s, body, dp_rank| {
-        let req: ChatRequest = openai::parse(body)?;
+    dispatch(s, limits, Kind::Chat, headers, body, |s, body, dp_rank| {
+        let req: ChatRequest = openai::parse_for_generation(body)?;
         let max_tokens = req.max_completion_tokens.or(req.common.max_tokens);
         openai::validate(&req.common, max_tokens)?;
         check_model(s, &req.common.model)?;
@@ -105,6 +140,7 @@ pub(super) async fn chat(
             .pre
             .render_chat(&messages, req.tools.as_ref())
             .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+        fits(s, &prompt, max_tokens)?;
         let tokens = s
             .pre
             .encode(&prompt)
@@ -117,50 +153,77 @@ pub(super) async fn chat(
 
 pub(super) async fn completions(
     State(s): State<Arc<Frontend>>,
+    Extension(limits): Extension<HttpLimits>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    dispatch(s, Kind::Completion, headers, body, |s, body, dp_rank| {
-        let req: CompletionRequest = openai::parse(body)?;
-        openai::validate(&req.common, req.common.max_tokens)?;
-        check_model(s, &req.common.model)?;
-        let t = Instant::now();
-        let one = |n: usize| {
-            if n == 1 {
-                Ok(())
-            } else {
-                Err(ApiError::invalid(
-                    format!("`prompt` holds {n} prompts; one per request is supported"),
-                    Some("prompt"),
-                ))
+    dispatch(
+        s,
+        limits,
+        Kind::Completion,
+        headers,
+        body,
+        |s, body, dp_rank| {
+            let req: CompletionRequest = openai::parse_for_generation(body)?;
+            openai::validate(&req.common, req.common.max_tokens)?;
+            check_model(s, &req.common.model)?;
+            let t = Instant::now();
+            let one = |n: usize| {
+                if n == 1 {
+                    Ok(())
+                } else {
+                    Err(ApiError::invalid(
+                        format!("`prompt` holds {n} prompts; one per request is supported"),
+                        Some("prompt"),
+                    ))
+                }
+            };
+            let tokens = match req.prompt {
+                Prompt::Text(t) => {
+                    fits(s, &t, req.common.max_tokens)?;
+                    s.pre.encode(&t)
+                }
+                Prompt::Texts(v) => {
+                    one(v.len())?;
+                    fits(s, &v[0], req.common.max_tokens)?;
+                    s.pre.encode(&v[0])
+                }
+                Prompt::Tokens(t) => Ok(t),
+                Prompt::TokenLists(v) => {
+                    one(v.len())?;
+                    Ok(v.into_iter().next().unwrap_or_default())
+                }
             }
-        };
-        let tokens = match req.prompt {
-            Prompt::Text(t) => s.pre.encode(&t),
-            Prompt::Texts(v) => {
-                one(v.len())?;
-                s.pre.encode(&v[0])
-            }
-            Prompt::Tokens(t) => Ok(t),
-            Prompt::TokenLists(v) => {
-                one(v.len())?;
-                Ok(v.into_iter().next().unwrap_or_default())
-            }
-        }
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-        s.metrics.preprocessing.observe(t.elapsed().as_secs_f64());
-        // OpenAI's legacy default.
-        let max_tokens = req.common.max_tokens.or(Some(16));
-        job(
-            s,
-            Kind::Completion,
-            &req.common,
-            max_tokens,
-            tokens,
-            dp_rank,
-        )
-    })
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+            s.metrics.preprocessing.observe(t.elapsed().as_secs_f64());
+            // OpenAI's legacy default.
+            let max_tokens = req.common.max_tokens.or(Some(16));
+            job(
+                s,
+                Kind::Completion,
+                &req.common,
+                max_tokens,
+                tokens,
+                dp_rank,
+            )
+        },
+    )
     .await
+}
+
+/// Refuses, before tokenizing, a prompt whose text is too long to fit the
+/// context whatever its tokens turn out to be.
+fn fits(s: &Frontend, text: &str, max_tokens: Option<u32>) -> Result<(), ApiError> {
+    let least = s.pre.min_tokens(text);
+    let context = s.pre.context_length() as usize;
+    if least >= context || max_tokens.is_some_and(|m| least + m as usize > context) {
+        return Err(ApiError::context_exceeded(
+            s.pre.context_length(),
+            least,
+            max_tokens,
+        ));
+    }
+    Ok(())
 }
 
 pub(crate) fn check_model(s: &Frontend, model: &str) -> Result<(), ApiError> {
@@ -181,6 +244,13 @@ pub(super) fn job(
 ) -> Result<Job, ApiError> {
     if tokens.is_empty() {
         return Err(ApiError::invalid("the prompt is empty", Some("prompt")));
+    }
+    let vocab = s.pre.vocab_size();
+    if let Some((i, t)) = tokens.iter().enumerate().find(|(_, t)| **t >= vocab) {
+        return Err(ApiError::invalid(
+            format!("prompt token {i} is {t}, outside the vocabulary (ids 0..{vocab})"),
+            Some("prompt"),
+        ));
     }
     let context = s.pre.context_length();
     if tokens.len() >= context as usize

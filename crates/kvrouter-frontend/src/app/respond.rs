@@ -26,6 +26,7 @@ pub(super) async fn respond(
     kind: Kind,
     job: Result<Job, ApiError>,
     started: Instant,
+    ttft_timeout: std::time::Duration,
 ) -> Response {
     let job = match job {
         Ok(j) => j,
@@ -64,7 +65,25 @@ pub(super) async fn respond(
         }
     }
     let routed = match &s.backend {
-        Backend::Workers(pool) => pool.generate(&job.request, &id).await,
+        Backend::Workers(pool) => {
+            let pinned = job
+                .request
+                .routing
+                .as_ref()
+                .and_then(|r| r.backend_instance_id);
+            if let Some(w) = pinned.filter(|w| !pool.has_worker(*w)) {
+                return ApiError::invalid(
+                    format!("nvext.backend_instance_id {w} is not a worker of this model"),
+                    Some("nvext"),
+                )
+                .into_response();
+            }
+            // The stream is handed out with its first response (or its failure).
+            match tokio::time::timeout(ttft_timeout, pool.generate(&job.request, &id)).await {
+                Ok(r) => r,
+                Err(_) => return ttft_exceeded(ttft_timeout).into_response(),
+            }
+        }
         Backend::Engines(_) => {
             return ApiError::internal("engine requests are forwarded, not generated")
                 .into_response();
@@ -97,6 +116,14 @@ pub(super) async fn respond(
     } else {
         unary_response(run).await
     }
+}
+
+/// 504: no first response from the worker or engine in time.
+pub(crate) fn ttft_exceeded(t: std::time::Duration) -> ApiError {
+    ApiError::timeout(format!(
+        "no first response from the worker within {} s (--ttft-timeout)",
+        t.as_secs_f64()
+    ))
 }
 
 /// One request in flight: the routed stream and what is made of it.
@@ -285,7 +312,6 @@ pub(super) fn event(v: &Value) -> Result<Event, Infallible> {
 }
 
 pub(super) fn stream_response(run: Run, include_usage: bool) -> Response {
-    let cut = run.s.cut.clone();
     let state = (run, Phase::Start, include_usage);
     let events = futures::stream::unfold(state, |(mut run, phase, usage)| async move {
         match phase {
@@ -335,9 +361,6 @@ pub(super) fn stream_response(run: Run, include_usage: bool) -> Response {
         }
     })
     .flat_map(futures::stream::iter);
-    let events = crate::server::until_cut(events, cut, || {
-        Ok(Event::default().data(ApiError::shutting_down().body().to_string()))
-    });
     Sse::new(events)
         .keep_alive(KeepAlive::default())
         .into_response()

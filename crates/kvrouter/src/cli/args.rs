@@ -332,6 +332,14 @@ pub struct HttpArgs {
     /// are ended with an error (new connections are refused at once).
     #[arg(long, value_name = "DURATION", default_value = "30", value_parser = parse_secs, help_heading = "HTTP")]
     pub graceful_shutdown_timeout: f64,
+    /// Longest time a request may take, its whole answer included: past it a
+    /// stream ends with an error event, a unary request gets 504.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_positive_secs, help_heading = "HTTP")]
+    pub request_timeout: f64,
+    /// Longest wait for a request's first response from its worker or engine
+    /// (queueing, routing and prefill included): past it, 504.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_positive_secs, help_heading = "HTTP")]
+    pub ttft_timeout: f64,
 }
 
 /// The model served.

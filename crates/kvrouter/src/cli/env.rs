@@ -166,6 +166,8 @@ pub const ENV: &[EnvVar] = &[
     value("http_body_timeout", &["DYN_HTTP_BODY_TIMEOUT"]),
     value("http_max_body_bytes", &["DYN_HTTP_MAX_BODY_BYTES"]),
     value("http_max_connections", &["DYN_HTTP_MAX_CONNECTIONS"]),
+    value("request_timeout", &["DYN_REQUEST_TIMEOUT"]),
+    value("ttft_timeout", &["DYN_TTFT_TIMEOUT"]),
     value(
         "graceful_shutdown_timeout",
         &["DYN_GRACEFUL_SHUTDOWN_TIMEOUT"],

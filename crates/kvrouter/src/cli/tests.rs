@@ -140,6 +140,20 @@ fn flag_rows() -> Vec<(
             json!(2.0),
         ),
         (
+            "request_timeout",
+            "frontend",
+            vec!["--request-timeout", "2m"],
+            "request_timeout",
+            json!(120.0),
+        ),
+        (
+            "ttft_timeout",
+            "frontend",
+            vec!["--ttft-timeout", "45s"],
+            "ttft_timeout",
+            json!(45.0),
+        ),
+        (
             "model_name",
             "frontend",
             vec!["--model-name", "llama"],
