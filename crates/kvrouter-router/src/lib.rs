@@ -17,6 +17,7 @@
 //! - [`sync`]: active-sequence events shared by router replicas.
 //! - [`metrics`]: the router's Prometheus metrics under the reference names.
 
+pub mod admit;
 pub mod disagg;
 mod down;
 pub mod durable;

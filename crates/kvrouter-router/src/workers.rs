@@ -24,6 +24,7 @@ use parking_lot::RwLock;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::admit::{Admission, Admitted};
 use crate::down::DownSet;
 use crate::router::{ActiveRequest, KvRouter, RouteError, RouteQuery};
 use crate::sync::ActiveSequenceEvent;
@@ -47,6 +48,9 @@ fn spawn_decoding<T, F>(
     F: Fn(&KvRouter, T) + Send + 'static,
 {
     tokio::spawn(async move {
+        // One warning per second at most, with the count of those not logged.
+        let mut warned: Option<std::time::Instant> = None;
+        let mut quiet = 0u64;
         loop {
             let msg = tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -60,7 +64,13 @@ fn spawn_decoding<T, F>(
                         .events_rejected
                         .with_label_values(&[reason])
                         .inc();
-                    tracing::warn!(error = %e, bytes = msg.len(), reason, "undecodable message skipped");
+                    if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                        tracing::warn!(error = %e, bytes = msg.len(), reason, not_logged = quiet, "undecodable message skipped");
+                        warned = Some(std::time::Instant::now());
+                        quiet = 0;
+                    } else {
+                        quiet += 1;
+                    }
                 }
             }
         }
@@ -102,6 +112,8 @@ pub struct WorkerPool {
     count: watch::Sender<usize>,
     /// Workers whose connection failed, out of routing until they answer again.
     down: Arc<DownSet>,
+    /// KV events only for workers discovery announced.
+    admission: Arc<Admission>,
     cancel: CancellationToken,
 }
 
@@ -156,16 +168,30 @@ impl WorkerPool {
             instances: RwLock::new(BTreeMap::new()),
             count,
             down: Arc::default(),
+            admission: Arc::default(),
             cancel: cancel.clone(),
         });
         pool.down.spawn_prober(cancel.clone());
         if let Some(events) = events.take() {
+            let admission = pool.admission.clone();
             spawn_decoding(
                 events,
                 cancel.clone(),
                 pool.router.clone(),
                 "decode",
-                |r, ev: RouterEvent| r.apply_event(&ev),
+                move |r, ev: RouterEvent| {
+                    let (verdict, expired) = admission.admit(ev);
+                    let rejected = expired + usize::from(matches!(verdict, Admitted::Rejected));
+                    if rejected > 0 {
+                        r.metrics()
+                            .events_rejected
+                            .with_label_values(&["unknown_worker"])
+                            .inc_by(rejected as u64);
+                    }
+                    if let Admitted::Apply(ev) = verdict {
+                        r.apply_event(&ev);
+                    }
+                },
             );
         }
         spawn_decoding(
@@ -245,6 +271,10 @@ impl WorkerPool {
                         }
                         self.router.add_worker(instance.id, &meta);
                         self.down.clear(instance.id);
+                        // Events that raced the announcement.
+                        for ev in self.admission.announce(instance.id) {
+                            self.router.apply_event(&ev);
+                        }
                         tracing::info!(worker = instance.id, address = %instance.address, "worker added");
                         self.instances.write().insert(instance.id, (instance, meta));
                     }
@@ -261,6 +291,7 @@ impl WorkerPool {
                 }
                 self.router.remove_worker(id);
                 self.down.clear(id);
+                self.admission.retire(id);
                 tracing::info!(worker = id, "worker removed");
             }
         }
