@@ -3,7 +3,9 @@
 //! An instance is the key `v1/instances/{ns}/{component}/{endpoint}/{id}`
 //! (value: the instance as JSON) attached to a lease of the registration's TTL,
 //! kept alive every third of it; dropping the registration revokes the lease,
-//! a dead process's lease simply expires. A watch reads the prefix, reports it,
+//! a dead process's lease simply expires. A lease that etcd no longer knows
+//! (a replaced or restored cluster, expiry during a partition) is replaced
+//! and the key written again, see [`lease`]. A watch reads the prefix, reports it,
 //! and watches from the next revision; when the watch stream breaks (etcd
 //! restarted, connection lost) it re-reads the prefix, reports the difference,
 //! and resumes from the new revision, so no change is lost or reported twice.
@@ -12,9 +14,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions};
+use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+
+mod lease;
 
 use super::{Discovery, DiscoveryError, DiscoveryEvent, Registration, Watch};
 use crate::endpoint::{EndpointId, Instance, InstanceId};
@@ -82,6 +85,14 @@ impl EtcdDiscovery {
     }
 }
 
+fn key_of(instance: &Instance) -> String {
+    format!(
+        "{}{}",
+        EtcdDiscovery::prefix(&instance.endpoint),
+        instance.id
+    )
+}
+
 fn id_of(key: &[u8]) -> Option<InstanceId> {
     std::str::from_utf8(key)
         .ok()?
@@ -98,58 +109,7 @@ impl Discovery for EtcdDiscovery {
         instance: Instance,
         ttl: Duration,
     ) -> Result<Registration, DiscoveryError> {
-        let mut client = self.client.clone();
-        let ttl_secs = ttl.as_secs_f64().ceil().max(1.0) as i64;
-        let lease = client.lease_grant(ttl_secs, None).await.map_err(err)?.id();
-        let key = format!("{}{}", Self::prefix(&instance.endpoint), instance.id);
-        let value = serde_json::to_vec(&instance).map_err(|e| DiscoveryError::Corrupt {
-            key: key.clone(),
-            message: e.to_string(),
-        })?;
-        client
-            .put(key, value, Some(PutOptions::new().with_lease(lease)))
-            .await
-            .map_err(err)?;
-        let cancel = CancellationToken::new();
-        let token = cancel.clone();
-        let mut keeper_client = client.clone();
-        tokio::spawn(async move {
-            let period = Duration::from_secs_f64((ttl_secs as f64 / 3.0).max(0.2));
-            let mut tick = tokio::time::interval(period);
-            let mut keeper = None;
-            loop {
-                tokio::select! {
-                    _ = token.cancelled() => break,
-                    _ = tick.tick() => {
-                        if keeper.is_none() {
-                            keeper = keeper_client.lease_keep_alive(lease).await.ok();
-                        }
-                        if let Some((k, stream)) = keeper.as_mut() {
-                            let renewed = match k.keep_alive().await {
-                                Ok(()) => stream.message().await.ok().flatten().is_some(),
-                                Err(_) => false,
-                            };
-                            if !renewed {
-                                tracing::warn!(lease, "lease keep-alive failed; retrying");
-                                keeper = None;
-                            }
-                        }
-                    }
-                }
-            }
-        });
-        let mut revoker = client;
-        Ok(Registration::new(
-            cancel,
-            Some(Box::new(move || {
-                // Drop cannot wait: revoke in the background (the TTL is the backstop).
-                if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                    handle.spawn(async move {
-                        let _ = revoker.lease_revoke(lease).await;
-                    });
-                }
-            })),
-        ))
+        lease::register(self.client.clone(), key_of(&instance), instance, ttl).await
     }
 
     async fn list(&self, endpoint: &EndpointId) -> Result<Vec<Instance>, DiscoveryError> {
