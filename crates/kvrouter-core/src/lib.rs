@@ -23,6 +23,8 @@
 //! - [`schedule`]: the scheduling pipeline (hash → lookup → select → commit)
 //!   shared by the live router and the simulator.
 //! - [`queue`]: the router queue's saturation test and release order.
+//! - [`recovery`]: worker-query recovery of lost KV events (the worker's log,
+//!   the router's gap follower).
 //! - [`sticky`]: `kv-sticky`, prefix families kept together within a load bound.
 //! - [`peers`]: other routers' documented policies (sglang-router
 //!   `cache_aware`, SMG `prefix_hash`, llm-d's scorers), baselines for the simulator.
@@ -42,6 +44,7 @@ pub mod llm;
 pub mod peers;
 pub mod protocols;
 pub mod queue;
+pub mod recovery;
 pub mod schedule;
 pub mod selection;
 pub mod sequences;
