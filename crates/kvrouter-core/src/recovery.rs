@@ -210,7 +210,8 @@ pub enum Step {
     Stale,
     /// Held events overflowed [`HOLD_EVENTS`]: dropped (a later gap repairs it).
     Overflow,
-    /// A gap in a worker that cannot be asked: applied anyway, counted.
+    /// A gap that cannot be repaired (the worker cannot be asked, or just
+    /// answered without these ids): applied anyway, counted.
     Unrepairable(RouterEvent, u64),
 }
 
@@ -221,8 +222,10 @@ pub struct Resolution {
     pub reset: bool,
     /// Events to apply, in order.
     pub apply: Vec<RouterEvent>,
-    /// A further gap among the held events: start this recovery.
+    /// The answer did not fit the question: start this recovery (a dump).
     pub again: Option<Step>,
+    /// Ids skipped among the held events that the answer did not explain.
+    pub unrepaired: u64,
 }
 
 #[derive(Debug)]
@@ -284,6 +287,14 @@ impl Follower {
 
     /// Decides a live event.
     pub fn on_event(&mut self, ev: RouterEvent) -> Step {
+        self.decide(ev, true)
+    }
+
+    /// `repair`: whether a gap may start a recovery. Events held through one
+    /// are decided without: a gap among them right after the worker answered
+    /// means ids the worker never published (forged, or from an earlier life
+    /// of the worker), and asking again would loop.
+    fn decide(&mut self, ev: RouterEvent, repair: bool) -> Step {
         let key = ev.worker_key();
         let id = ev.event.event_id;
         let queryable = self.queryable.contains(&key.worker_id);
@@ -304,7 +315,7 @@ impl Follower {
                 Some(e) if id + 1 < e && id != 0 => Step::Stale,
                 Some(e) if id > e => {
                     let missing = id - e;
-                    if !queryable {
+                    if !queryable || !repair {
                         *expect = Some(id + 1);
                         return Step::Unrepairable(ev, missing);
                     }
@@ -375,10 +386,13 @@ impl Follower {
             if expect.is_some_and(|e| ev.event.event_id < e) {
                 continue; // already in the answer
             }
-            match self.on_event(ev) {
-                Step::Apply(e) | Step::Unrepairable(e, _) => out.apply.push(e),
-                s @ Step::Recover { .. } => out.again = Some(s),
-                Step::Held | Step::Stale | Step::Overflow => {}
+            match self.decide(ev, false) {
+                Step::Apply(e) => out.apply.push(e),
+                Step::Unrepairable(e, missing) => {
+                    out.unrepaired += missing;
+                    out.apply.push(e);
+                }
+                Step::Recover { .. } | Step::Held | Step::Stale | Step::Overflow => {}
             }
         }
         out

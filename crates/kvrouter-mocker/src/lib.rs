@@ -15,13 +15,15 @@
 //! [`report`] turns the runs into percentiles, a table, JSON and an SVG.
 //! [`service`] runs engines live, in real time, as workers on the runtime;
 //! [`vllm`] makes such a worker look like a vLLM server from outside (its
-//! ZeroMQ KV events and metric names).
+//! ZeroMQ KV events and metric names); [`query`] answers routers that lost
+//! some of a worker's events.
 
 #![deny(missing_docs)]
 
 pub mod blocks;
 pub mod engine;
 pub mod perf;
+pub mod query;
 pub mod report;
 pub mod service;
 pub mod sim;

@@ -40,8 +40,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::blocks::FullBlock;
 use crate::engine::{Engine, EngineConfig, EngineRequest, TokenOutput};
+use crate::query::{QueryHandler, RankLog};
 use crate::vllm::{BookGuard, RankStats, TokenBook, ZmqEventsConfig};
 use kvrouter_core::error::UpstreamError;
+use kvrouter_core::recovery::LocalLog;
 use kvrouter_engines::publisher::ZmqKvPublisher;
 
 /// Tokens generated when a request sets no `max_tokens`.
@@ -106,6 +108,9 @@ impl Default for WorkerConfig {
 /// A running mock worker; dropping it deregisters and stops its engines.
 pub struct MockWorker {
     served: Option<Served>,
+    /// The recovery-query endpoint, registered before `served`.
+    query: Option<Served>,
+    logs: Vec<RankLog>,
     cancel: CancellationToken,
     stats: Vec<Arc<RankStats>>,
     zmq: Vec<(String, Option<String>)>,
@@ -122,6 +127,11 @@ impl MockWorker {
         &self.zmq
     }
 
+    /// Each rank's log of its own KV events (what recovery queries answer from).
+    pub fn logs(&self) -> &[RankLog] {
+        &self.logs
+    }
+
     /// The instance id.
     pub fn id(&self) -> InstanceId {
         self.served.as_ref().map_or(0, |s| s.instance.id)
@@ -131,6 +141,9 @@ impl MockWorker {
     pub fn crash(mut self) {
         self.cancel.cancel();
         if let Some(s) = self.served.take() {
+            s.abandon();
+        }
+        if let Some(s) = self.query.take() {
             s.abandon();
         }
     }
@@ -186,7 +199,10 @@ pub async fn start(
     let mut stats = Vec::new();
     let mut books = Vec::new();
     let mut zmq_addresses = Vec::new();
+    let mut logs = Vec::new();
     for r in 0..ranks {
+        let log: RankLog = Arc::new(parking_lot::Mutex::new(LocalLog::new(id, r)));
+        logs.push(log.clone());
         let (t, rx) = mpsc::unbounded_channel();
         tx.push(t);
         let engine = Engine::new(cfg.engine, id, r);
@@ -215,6 +231,7 @@ pub async fn start(
             load_subject: load_subject.clone(),
             zmq,
             stats: rank_stats,
+            log,
         };
         tokio::spawn(rank_loop(engine, id, rx, publisher, cancel.clone()));
     }
@@ -232,7 +249,17 @@ pub async fn start(
         max_num_seqs: cfg.engine.max_num_seqs as u64,
         max_num_batched_tokens: cfg.engine.max_num_batched_tokens as u64,
         data_parallel_size: ranks,
+        enable_local_indexer: true,
     };
+    // The query endpoint first: a router that sees the worker can ask it at once.
+    let query = node
+        .serve(
+            &kvrouter_runtime::subjects::kv_query_endpoint(endpoint),
+            id,
+            Arc::new(QueryHandler { logs: logs.clone() }),
+            serde_json::json!({}),
+        )
+        .await?;
     let served = node
         .serve(
             endpoint,
@@ -243,6 +270,8 @@ pub async fn start(
         .await?;
     Ok(MockWorker {
         served: Some(served),
+        query: Some(query),
+        logs,
         cancel,
         stats,
         zmq: zmq_addresses,
@@ -260,6 +289,8 @@ struct Publisher {
     zmq: Option<(ZmqKvPublisher, Arc<TokenBook>)>,
     /// The rank's load, for vLLM-named metrics.
     stats: Arc<RankStats>,
+    /// The rank's own events, for recovery queries.
+    log: RankLog,
 }
 
 async fn rank_loop(
@@ -276,6 +307,7 @@ async fn rank_loop(
         load_subject,
         mut zmq,
         stats,
+        log,
     } = publisher;
     let block_size = engine.config().block_size;
     stats
@@ -341,6 +373,14 @@ async fn rank_loop(
             .store(m.kv_stats.kv_active_blocks, Ordering::Relaxed);
         stats.prefix_queries.store(queries, Ordering::Relaxed);
         stats.prefix_hits.store(hits, Ordering::Relaxed);
+        // Recorded before publishing, all of a pass at once: a query never
+        // sees half a pass, and never misses an event a router received.
+        {
+            let mut log = log.lock();
+            for ev in &step.events {
+                log.record(ev);
+            }
+        }
         for ev in step.events {
             let msg = RouterEvent::new(worker_id, ev);
             let bytes = Bytes::from(serde_json::to_vec(&msg).expect("events serialize"));

@@ -417,6 +417,7 @@ impl GlobalRouter {
             max_num_seqs: 0,
             max_num_batched_tokens: 0,
             data_parallel_size: 1,
+            enable_local_indexer: false,
         })
         .expect("metadata serializes");
         let cfg = Arc::new(cfg);

@@ -12,7 +12,8 @@
 //! - [`sidecar`]: `kvrouter engine`, an external engine registered in
 //!   discovery, its KV events and load republished on the event plane.
 //! - [`disagg`]: prefill through a prefill pool's router before decoding.
-//! - [`durable`]: durable KV events (JetStream consumer, snapshots, purge).
+//! - [`durable`]: durable KV events (JetStream consumer, snapshots, purge);
+//!   without it, `recover` repairs lost events by asking the workers.
 //! - [`global`]: the global router (pool selection by size and latency target).
 //! - [`sync`]: active-sequence events shared by router replicas.
 //! - [`metrics`]: the router's Prometheus metrics under the reference names.
@@ -26,6 +27,7 @@ pub mod global;
 pub mod metrics;
 pub mod passthrough;
 pub mod predicted;
+mod recover;
 pub mod router;
 pub mod sidecar;
 pub mod standalone;

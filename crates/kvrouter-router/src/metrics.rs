@@ -57,6 +57,13 @@ pub struct RouterMetrics {
     pub selected: IntCounterVec,
     /// `dynamo_kvrouter_index_snapshots_total`: snapshots uploaded (durable mode).
     pub snapshots: prometheus::IntCounter,
+    /// `kvrouter_kv_event_gaps_total`: gaps found in a (worker, rank)'s event ids.
+    pub event_gaps: prometheus::IntCounter,
+    /// `kvrouter_kv_events_missed_total`: event ids those gaps skipped.
+    pub events_missed: prometheus::IntCounter,
+    /// `kvrouter_kv_recoveries_total{result}`: recovery queries answered with
+    /// `events` or a `dump`, or `failed`.
+    pub recoveries: IntCounterVec,
     /// `kvrouter_router_queued_requests`: requests held in the router queue
     /// (a part of the frontend's `dynamo_frontend_queued_requests`).
     pub queue_depth: prometheus::IntGauge,
@@ -160,6 +167,21 @@ impl RouterMetrics {
                 "dynamo_kvrouter_index_snapshots_total",
                 "Index snapshots uploaded to the object store (durable KV events)",
             )?,
+            event_gaps: prometheus::IntCounter::new(
+                "kvrouter_kv_event_gaps_total",
+                "Gaps found in a worker rank's KV event ids (events lost in transit)",
+            )?,
+            events_missed: prometheus::IntCounter::new(
+                "kvrouter_kv_events_missed_total",
+                "KV event ids skipped by gaps",
+            )?,
+            recoveries: IntCounterVec::new(
+                Opts::new(
+                    "kvrouter_kv_recoveries_total",
+                    "Worker queries that repaired lost KV events or rebuilt a rank, by result",
+                ),
+                &["result"],
+            )?,
             queue_depth: prometheus::IntGauge::new(
                 "kvrouter_router_queued_requests",
                 "Requests held in the router queue while every worker is saturated",
@@ -180,6 +202,9 @@ impl RouterMetrics {
         registry.register(Box::new(m.worker_requests.clone()))?;
         registry.register(Box::new(m.selected.clone()))?;
         registry.register(Box::new(m.snapshots.clone()))?;
+        registry.register(Box::new(m.event_gaps.clone()))?;
+        registry.register(Box::new(m.events_missed.clone()))?;
+        registry.register(Box::new(m.recoveries.clone()))?;
         registry.register(Box::new(m.queue_depth.clone()))?;
         Ok(m)
     }

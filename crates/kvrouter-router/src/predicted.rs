@@ -158,6 +158,7 @@ mod tests {
                 max_num_seqs: 8,
                 max_num_batched_tokens: 100,
                 data_parallel_size: 1,
+                enable_local_indexer: false,
             },
         );
         let p = Predicted::new(Duration::from_secs(10));

@@ -228,6 +228,7 @@ impl Sidecar {
             max_num_seqs: 0,
             max_num_batched_tokens: 0,
             data_parallel_size: dp_size,
+            enable_local_indexer: false,
         };
         let mut metadata = serde_json::to_value(&meta).expect("metadata serializes");
         metadata["engine_url"] = serde_json::json!(base);

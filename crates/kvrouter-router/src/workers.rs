@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admit::{Admission, Admitted};
 use crate::down::DownSet;
+use crate::recover::Recovery;
 use crate::router::{ActiveRequest, KvRouter, RouteError, RouteQuery};
 use crate::sync::ActiveSequenceEvent;
 use kvrouter_core::llm::{LlmEngineOutput, PreprocessedRequest};
@@ -114,6 +115,8 @@ pub struct WorkerPool {
     down: Arc<DownSet>,
     /// KV events only for workers discovery announced.
     admission: Arc<Admission>,
+    /// Event ids followed and gaps repaired (plain event plane only).
+    recovery: Option<Arc<Recovery>>,
     cancel: CancellationToken,
 }
 
@@ -161,6 +164,9 @@ impl WorkerPool {
             .await
             .map_err(|e| e.to_string())?;
         let (count, _) = watch::channel(0);
+        let recovery = events
+            .is_some()
+            .then(|| Recovery::new(node.clone(), &endpoint, router.clone(), cancel.clone()));
         let pool = Arc::new(Self {
             node,
             endpoint,
@@ -169,10 +175,11 @@ impl WorkerPool {
             count,
             down: Arc::default(),
             admission: Arc::default(),
+            recovery,
             cancel: cancel.clone(),
         });
         pool.down.spawn_prober(cancel.clone());
-        if let Some(events) = events.take() {
+        if let (Some(events), Some(recovery)) = (events.take(), pool.recovery.clone()) {
             let admission = pool.admission.clone();
             spawn_decoding(
                 events,
@@ -189,7 +196,7 @@ impl WorkerPool {
                             .inc_by(rejected as u64);
                     }
                     if let Admitted::Apply(ev) = verdict {
-                        r.apply_event(&ev);
+                        recovery.on_event(ev);
                     }
                 },
             );
@@ -271,9 +278,16 @@ impl WorkerPool {
                         }
                         self.router.add_worker(instance.id, &meta);
                         self.down.clear(instance.id);
-                        // Events that raced the announcement.
+                        // Before the events that raced the announcement: they
+                        // wait for the worker's dump, if it gives one.
+                        if let Some(r) = &self.recovery {
+                            r.worker_added(instance.id, &meta);
+                        }
                         for ev in self.admission.announce(instance.id) {
-                            self.router.apply_event(&ev);
+                            match &self.recovery {
+                                Some(r) => r.on_event(ev),
+                                None => self.router.apply_event(&ev),
+                            }
                         }
                         tracing::info!(worker = instance.id, address = %instance.address, "worker added");
                         self.instances.write().insert(instance.id, (instance, meta));
@@ -292,6 +306,9 @@ impl WorkerPool {
                 self.router.remove_worker(id);
                 self.down.clear(id);
                 self.admission.retire(id);
+                if let Some(r) = &self.recovery {
+                    r.worker_removed(id);
+                }
                 tracing::info!(worker = id, "worker removed");
             }
         }

@@ -109,6 +109,11 @@ pub struct WorkerMetadata {
     pub max_num_batched_tokens: u64,
     /// Data-parallel ranks.
     pub data_parallel_size: u32,
+    /// Whether the worker keeps a log of its KV events and answers recovery
+    /// queries on [`crate::subjects::kv_query_endpoint`] (reference §7.2).
+    /// Absent means no: only kvrouter's own workers are known to answer.
+    #[serde(default)]
+    pub enable_local_indexer: bool,
 }
 
 #[cfg(test)]

@@ -20,6 +20,17 @@ pub fn active_sequences(endpoint: &EndpointId) -> String {
     endpoint.subject("active_sequences_events")
 }
 
+/// Where a worker answers KV recovery queries: its component's
+/// `worker_kv_indexer_query` endpoint, under the worker's own instance id
+/// (one endpoint for every rank; the rank travels in the query).
+pub fn kv_query_endpoint(endpoint: &EndpointId) -> EndpointId {
+    EndpointId {
+        namespace: endpoint.namespace.clone(),
+        component: endpoint.component.clone(),
+        endpoint: "worker_kv_indexer_query".into(),
+    }
+}
+
 /// The object-store bucket of a component's index snapshots (durable mode),
 /// before slugging: `namespace.{ns}.component.{component}-radix-bucket`.
 pub fn radix_bucket(endpoint: &EndpointId) -> String {
@@ -41,6 +52,10 @@ mod tests {
         assert_eq!(
             active_sequences(&e),
             "namespace.ns.component.backend.active_sequences_events"
+        );
+        assert_eq!(
+            kv_query_endpoint(&e).to_string(),
+            "ns.backend.worker_kv_indexer_query"
         );
         assert_eq!(
             radix_bucket(&e),

@@ -84,6 +84,7 @@ fn meta(block_size: u32) -> serde_json::Value {
         max_num_seqs: 256,
         max_num_batched_tokens: 8192,
         data_parallel_size: 1,
+        enable_local_indexer: false,
     })
     .expect("metadata serializes")
 }

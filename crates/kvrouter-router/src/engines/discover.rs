@@ -107,6 +107,7 @@ impl Discovered {
                     max_num_seqs: 0,
                     max_num_batched_tokens: 0,
                     data_parallel_size: dp_size,
+                    enable_local_indexer: false,
                 },
             );
             metrics

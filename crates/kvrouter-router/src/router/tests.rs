@@ -10,6 +10,7 @@ fn meta() -> WorkerMetadata {
         max_num_seqs: 16,
         max_num_batched_tokens: 1000,
         data_parallel_size: 1,
+        enable_local_indexer: false,
     }
 }
 
