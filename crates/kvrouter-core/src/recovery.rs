@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::UpstreamError;
 use crate::hash::ExternalSequenceBlockHash;
 use crate::protocols::{
     DpRank, KvCacheEvent, KvCacheEventData, KvCacheStoreData, KvCacheStoredBlockData, RouterEvent,
@@ -55,6 +56,19 @@ pub enum KvQueryReply {
         /// Parents before children.
         events: Vec<RouterEvent>,
     },
+}
+
+/// A worker's side of the query: `request` is `KvQuery` JSON, `answer` gives
+/// the reply of one rank (`None`: no such rank); the reply comes back as JSON.
+pub fn answer_query(
+    request: &[u8],
+    answer: impl FnOnce(DpRank, Option<u64>) -> Option<KvQueryReply>,
+) -> Result<Vec<u8>, UpstreamError> {
+    let q: KvQuery = serde_json::from_slice(request)
+        .map_err(|e| UpstreamError::invalid(format!("invalid KV query: {e}")))?;
+    let reply = answer(q.dp_rank, q.start_event_id)
+        .ok_or_else(|| UpstreamError::invalid(format!("no rank {} here", q.dp_rank)))?;
+    Ok(serde_json::to_vec(&reply).expect("replies serialize"))
 }
 
 /// One worker rank's own KV events: its blocks and its recent history.
@@ -100,6 +114,11 @@ impl LocalLog {
         }
         self.recent.push_back(ev.clone());
         self.last = Some(ev.event_id);
+    }
+
+    /// The newest event recorded.
+    pub fn last_event_id(&self) -> Option<u64> {
+        self.last
     }
 
     /// Blocks held now.

@@ -8,8 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use kvrouter_core::error::UpstreamError;
-use kvrouter_core::recovery::{KvQuery, LocalLog};
+use kvrouter_core::recovery::{LocalLog, answer_query};
 use kvrouter_runtime::request::Handler;
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
@@ -28,18 +27,11 @@ impl Handler for QueryHandler {
         request: Bytes,
         _cancel: CancellationToken,
     ) -> BoxStream<'static, Result<Bytes, String>> {
-        let reply = serde_json::from_slice::<KvQuery>(&request)
-            .map_err(|e| UpstreamError::invalid(format!("invalid KV query: {e}")).to_wire())
-            .and_then(|q| {
-                let log = self.logs.get(q.dp_rank as usize).ok_or_else(|| {
-                    UpstreamError::invalid(format!("no rank {} here", q.dp_rank)).to_wire()
-                })?;
-                // Built under the lock, serialized outside it: the engine loop waits only for the copy.
-                let answer = log.lock().answer(q.start_event_id);
-                Ok(Bytes::from(
-                    serde_json::to_vec(&answer).expect("replies serialize"),
-                ))
-            });
+        let reply = answer_query(&request, |rank, start| {
+            self.logs.get(rank as usize).map(|l| l.lock().answer(start))
+        })
+        .map(Bytes::from)
+        .map_err(|e| e.to_wire());
         futures::stream::once(async move { reply }).boxed()
     }
 }

@@ -4,7 +4,10 @@
 //! by forwarding them to the engine's `/v1/completions` with the token ids as
 //! the prompt ([`TokenUpstream`]), and republishes the engine's ZeroMQ KV
 //! events and scraped load on the event plane as the `RouterEvent` /
-//! `ActiveLoad` JSON that kvrouter's own workers publish.
+//! `ActiveLoad` JSON that kvrouter's own workers publish. Like those workers
+//! it keeps a log of what it published and answers routers' recovery queries
+//! (`worker_kv_indexer_query`), so a router that lost events or restarted
+//! rebuilds the engine's blocks from the sidecar.
 //!
 //! Why republish rather than have each router subscribe to the engine's
 //! ZeroMQ: every router kind (frontends, standalone routers, the pool routers
@@ -23,7 +26,10 @@ use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use kvrouter_core::llm::PreprocessedRequest;
-use kvrouter_core::protocols::{ActiveLoad, KvCacheEvent, KvCacheEventData};
+use std::collections::HashMap;
+
+use kvrouter_core::protocols::{ActiveLoad, DpRank, KvCacheEvent, KvCacheEventData};
+use kvrouter_core::recovery::{KvQueryReply, LocalLog, answer_query};
 use kvrouter_core::{RouterEvent, WorkerKey};
 use kvrouter_engines::probe::{Probe, RankEvents};
 use kvrouter_engines::spec::rank_endpoint;
@@ -32,6 +38,7 @@ use kvrouter_engines::{EngineMetrics, EngineSpec, KvEventSink, KvEventSource, Zm
 use kvrouter_runtime::endpoint::{EndpointId, InstanceId, WorkerMetadata};
 use kvrouter_runtime::node::{Node, Served};
 use kvrouter_runtime::request::Handler;
+use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -66,6 +73,7 @@ pub struct Sidecar {
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     _sources: Vec<KvEventSource>,
+    _query: Served,
 }
 
 impl Drop for Sidecar {
@@ -119,9 +127,12 @@ impl Handler for EngineHandler {
 }
 
 /// Puts an engine's events on the event plane as `RouterEvent` JSON, in
-/// order, from one publishing task ([`PlaneSink::spawn`]).
+/// order, from one publishing task ([`PlaneSink::spawn`]). Each rank's events
+/// are also kept in a [`LocalLog`], so routers that lose some ask the sidecar
+/// for them ([`PlaneSink::query_handler`]), as they ask kvrouter's own workers.
 pub struct PlaneSink {
     tx: mpsc::UnboundedSender<Bytes>,
+    logs: Mutex<HashMap<DpRank, LocalLog>>,
 }
 
 impl PlaneSink {
@@ -143,12 +154,26 @@ impl PlaneSink {
                 }
             }
         });
-        (Arc::new(Self { tx }), task)
+        let sink = Self {
+            tx,
+            logs: Mutex::default(),
+        };
+        (Arc::new(sink), task)
+    }
+
+    /// Answers routers' recovery queries from the ranks' logs.
+    pub fn query_handler(self: &Arc<Self>) -> Arc<dyn Handler> {
+        Arc::new(SinkQueries(self.clone()))
     }
 }
 
 impl KvEventSink for PlaneSink {
     fn apply_event(&self, ev: RouterEvent) {
+        self.logs
+            .lock()
+            .entry(ev.event.dp_rank)
+            .or_insert_with(|| LocalLog::new(ev.worker_id, ev.event.dp_rank))
+            .record(&ev.event);
         let _ = self.tx.send(Bytes::from(
             serde_json::to_vec(&ev).expect("events serialize"),
         ));
@@ -156,16 +181,46 @@ impl KvEventSink for PlaneSink {
 
     /// Routers clear the whole worker on `cleared` (all its ranks): for a
     /// multi-rank engine that forgets the other ranks too, which costs hits,
-    /// never a wrong match.
+    /// never a wrong match. The event repeats the rank's last id, so routers
+    /// following the ids see no gap.
     fn reset_rank(&self, key: WorkerKey) {
+        let last = self
+            .logs
+            .lock()
+            .get(&key.dp_rank)
+            .and_then(LocalLog::last_event_id);
         self.apply_event(RouterEvent::new(
             key.worker_id,
             KvCacheEvent {
-                event_id: 0,
+                event_id: last.unwrap_or(0),
                 data: KvCacheEventData::Cleared,
                 dp_rank: key.dp_rank,
             },
         ));
+    }
+}
+
+struct SinkQueries(Arc<PlaneSink>);
+
+impl Handler for SinkQueries {
+    fn handle(
+        &self,
+        request: Bytes,
+        _cancel: CancellationToken,
+    ) -> BoxStream<'static, Result<Bytes, String>> {
+        let reply = answer_query(&request, |rank, start| {
+            // A rank that published nothing yet has an empty log.
+            Some(self.0.logs.lock().get(&rank).map_or(
+                KvQueryReply::Dump {
+                    last_event_id: None,
+                    events: Vec::new(),
+                },
+                |l| l.answer(start),
+            ))
+        })
+        .map(Bytes::from)
+        .map_err(|e| e.to_wire());
+        futures::stream::once(async move { reply }).boxed()
     }
 }
 
@@ -228,7 +283,7 @@ impl Sidecar {
             max_num_seqs: 0,
             max_num_batched_tokens: 0,
             data_parallel_size: dp_size,
-            enable_local_indexer: false,
+            enable_local_indexer: true,
         };
         let mut metadata = serde_json::to_value(&meta).expect("metadata serializes");
         metadata["engine_url"] = serde_json::json!(base);
@@ -236,10 +291,6 @@ impl Sidecar {
             upstream: TokenUpstream::new(client, &base, &model, Duration::from_secs(600)),
             dp_size,
         });
-        let served = node
-            .serve(&cfg.endpoint, id, handler.clone(), metadata.clone())
-            .await
-            .map_err(|e| e.to_string())?;
         let cancel = CancellationToken::new();
         let mut tasks = Vec::new();
         // One publishing task keeps each event in order.
@@ -249,6 +300,20 @@ impl Sidecar {
             cancel.clone(),
         );
         tasks.push(task);
+        // The query endpoint first: a router that sees the engine can ask at once.
+        let query = node
+            .serve(
+                &kvrouter_runtime::subjects::kv_query_endpoint(&cfg.endpoint),
+                id,
+                sink.query_handler(),
+                serde_json::json!({}),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let served = node
+            .serve(&cfg.endpoint, id, handler.clone(), metadata.clone())
+            .await
+            .map_err(|e| e.to_string())?;
         let sink: Arc<dyn KvEventSink> = sink;
         let metrics = EngineMetrics::unregistered();
         let sources = events
@@ -287,6 +352,7 @@ impl Sidecar {
             cancel,
             tasks,
             _sources: sources,
+            _query: query,
         })
     }
 }

@@ -205,7 +205,8 @@ fn frontend_routes_through_a_standalone_router() {
 /// the fleet through its sidecar; a standalone router follows its KV events
 /// (republished on NATS), answers `best_worker_id` with the engine's URL, and
 /// `generate` reaches the engine as a token-id prompt, its cached tokens
-/// reported back.
+/// reported back; a router restarted without JetStream rebuilds the engine's
+/// blocks from the sidecar.
 #[test]
 fn an_external_engine_joins_through_its_sidecar() {
     let mut f = Fleet::start();
@@ -291,6 +292,32 @@ fn an_external_engine_joins_through_its_sidecar() {
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_eq!(best["engine_url"], url.as_str());
+    // The router is killed and a new one starts (no JetStream): it rebuilds
+    // the engine's blocks by asking the sidecar, with no new request.
+    let mut old = f.children.pop().expect("the router");
+    old.kill().unwrap();
+    old.wait().unwrap();
+    f.spawn(&[
+        "router",
+        "--endpoint",
+        "ext.backend.generate",
+        "--block-size",
+        "16",
+        "--namespace",
+        "ext",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, lines) = f.call("ext.router.best_worker_id", &json!({"token_ids": tokens}));
+        if code == 0 && lines[0]["overlap_blocks"].as_u64() == Some(10) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted router never rebuilt the engine's blocks: {lines:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // The same prompt again: the engine reports the prefix the router predicted.
     let (code, lines) = f.call("ext.router.generate", &body);
     assert_eq!(code, 0, "{lines:?}");
