@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 
 use crate::app::{EngineFacade, HttpOptions};
 use crate::serve::{FrontendHandle, RoutingConfig, start_frontend};
+use crate::server::HttpLimits;
 use crate::tokenizer::Preprocessor;
 
 /// A running stand-in engine; dropping it stops the worker (its sockets close).
@@ -30,11 +31,13 @@ pub struct StandIn {
 
 impl StandIn {
     /// Starts the worker (`cfg.zmq_events` says where its events go) and its
-    /// OpenAI server on `listener`.
+    /// OpenAI server on `listener`; on shutdown requests in flight may run
+    /// for `graceful_timeout`.
     pub async fn start(
         cfg: WorkerConfig,
         pre: Arc<Preprocessor>,
         listener: TcpListener,
+        graceful_timeout: Duration,
     ) -> Result<Self, String> {
         let node = Node::in_process();
         let endpoint = EndpointId {
@@ -60,7 +63,13 @@ impl StandIn {
                 prefill_endpoint: None,
                 enforce_disagg: false,
             },
-            HttpOptions::default(),
+            HttpOptions {
+                limits: HttpLimits {
+                    graceful_timeout,
+                    ..HttpLimits::default()
+                },
+                ..HttpOptions::default()
+            },
             listener,
         )
         .await?;
@@ -99,9 +108,12 @@ impl StandIn {
         self.worker.as_ref().map_or(&[], |w| w.zmq_addresses())
     }
 
-    /// Stops it: the worker (and its ZeroMQ sockets), then the HTTP server.
+    /// Stops it as an engine stops: the HTTP server refuses new requests and
+    /// drains (up to the graceful timeout), then the worker and its ZeroMQ
+    /// sockets go.
     pub async fn shutdown(mut self) -> std::io::Result<()> {
+        let r = self.frontend.shutdown().await;
         drop(self.worker.take());
-        self.frontend.shutdown().await
+        r
     }
 }

@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -110,6 +110,8 @@ pub struct MockWorker {
     served: Option<Served>,
     /// The recovery-query endpoint, registered before `served`.
     query: Option<Served>,
+    /// Generations in flight.
+    active: Arc<AtomicUsize>,
     logs: Vec<RankLog>,
     cancel: CancellationToken,
     stats: Vec<Arc<RankStats>>,
@@ -130,6 +132,22 @@ impl MockWorker {
     /// Each rank's log of its own KV events (what recovery queries answer from).
     pub fn logs(&self) -> &[RankLog] {
         &self.logs
+    }
+
+    /// Generations in flight.
+    pub fn in_flight(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Leaves discovery (the worker first, then its query endpoint) and waits
+    /// until the store has it; requests in flight go on being served.
+    pub async fn deregister(&mut self) {
+        if let Some(s) = self.served.as_mut() {
+            s.deregister().await;
+        }
+        if let Some(s) = self.query.as_mut() {
+            s.deregister().await;
+        }
     }
 
     /// The instance id.
@@ -169,6 +187,24 @@ struct Ranks {
     next_id: AtomicU64,
     /// Per rank, when publishing vLLM events: prompt tokens of in-flight blocks.
     books: Vec<Arc<TokenBook>>,
+    /// Generations in flight (for a graceful stop).
+    active: Arc<AtomicUsize>,
+}
+
+/// Counts a generation in flight while it lives.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(n: &Arc<AtomicUsize>) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Self(n.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Starts a worker serving `endpoint` as instance `id`.
@@ -200,6 +236,7 @@ pub async fn start(
     let mut books = Vec::new();
     let mut zmq_addresses = Vec::new();
     let mut logs = Vec::new();
+    let active = Arc::new(AtomicUsize::new(0));
     for r in 0..ranks {
         let log: RankLog = Arc::new(parking_lot::Mutex::new(LocalLog::new(id, r)));
         logs.push(log.clone());
@@ -241,6 +278,7 @@ pub async fn start(
         cfg: cfg.clone(),
         next_id: AtomicU64::new(1),
         books,
+        active: active.clone(),
     });
     let meta = WorkerMetadata {
         model_name: cfg.model_name.clone(),
@@ -272,6 +310,7 @@ pub async fn start(
         served: Some(served),
         query: Some(query),
         logs,
+        active,
         cancel,
         stats,
         zmq: zmq_addresses,
@@ -471,6 +510,7 @@ struct Generation {
     prefill_of: Option<serde_json::Value>,
     /// Keeps the prompt's tokens known until the request ends (vLLM events).
     _book: Option<BookGuard>,
+    _in_flight: InFlight,
 }
 
 impl Handler for Ranks {
@@ -568,6 +608,7 @@ impl Handler for Ranks {
                 })
             }),
             _book: book,
+            _in_flight: InFlight::new(&self.active),
         };
         futures::stream::unfold(Some(generation), |state| async move {
             let mut g = state?;

@@ -104,6 +104,15 @@ pub struct Served {
 }
 
 impl Served {
+    /// Leaves discovery and waits until the store has it, while requests in
+    /// flight (and any that were already on their way) are still served;
+    /// dropping the value afterwards stops serving.
+    pub async fn deregister(&mut self) {
+        if let Some(r) = self.registration.take() {
+            r.close().await;
+        }
+    }
+
     /// Stops renewing the lease and serving without deregistering (a crash).
     pub fn abandon(mut self) {
         self.shutdown.cancel();

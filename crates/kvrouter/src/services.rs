@@ -441,7 +441,8 @@ pub fn mocker(args: &MockerArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         if let Some(port) = s.openai_port {
             let listener = bind(&s.openai_host, port).await?;
-            let standin = StandIn::start(cfg.clone(), pre, listener)
+            let graceful = Duration::from_secs_f64(args.graceful_shutdown_timeout);
+            let standin = StandIn::start(cfg.clone(), pre, listener, graceful)
                 .await
                 .map_err(anyhow::Error::msg)?;
             let events: Vec<String> = standin
@@ -479,6 +480,24 @@ pub fn mocker(args: &MockerArgs) -> anyhow::Result<()> {
             println!("kvrouter mocker: worker {id} serving {endpoint}");
         }
         shutdown_signal().await;
+        // Leave discovery first, so routers stop sending; then let what is
+        // in flight finish, up to the timeout.
+        for w in &mut workers {
+            w.deregister().await;
+        }
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_secs_f64(args.graceful_shutdown_timeout);
+        let in_flight =
+            |ws: &[service::MockWorker]| ws.iter().map(|w| w.in_flight()).sum::<usize>();
+        while in_flight(&workers) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let cut = in_flight(&workers);
+        if cut > 0 {
+            eprintln!(
+                "kvrouter mocker: {cut} requests still running at the shutdown timeout are cut"
+            );
+        }
         drop(workers);
         Ok(())
     })

@@ -64,12 +64,12 @@ async fn one_stream(client: &reqwest::Client, url: &str) -> End {
         .unwrap_or(End::Hung)
 }
 
-#[test]
-#[ignore = "fault suite: make faults"]
-fn a_worker_killed_under_streaming_load_hangs_nothing_and_leaves_routing_at_once() {
+/// A fleet of `workers` mocker processes (one worker each, so one can be
+/// stopped alone) behind a round-robin frontend; returns it and its URL once
+/// every worker is routable.
+fn fleet(workers: usize) -> (Fleet, String) {
     let mut f = Fleet::start();
-    // Three worker processes, one worker each, so one can be killed alone.
-    for _ in 0..3 {
+    for _ in 0..workers {
         f.spawn(&[
             "mocker",
             "--endpoint",
@@ -102,33 +102,68 @@ fn a_worker_killed_under_streaming_load_hangs_nothing_and_leaves_routing_at_once
         .unwrap();
     let url = printed_url(&mut frontend);
     f.children.push(frontend);
+    (f, url)
+}
+
+/// Polls the frontend's metrics until it routes to `n` workers.
+async fn until_workers(
+    client: &reqwest::Client,
+    url: &str,
+    n: usize,
+    within: Duration,
+) -> Duration {
+    let t0 = Instant::now();
+    let want = format!("dynamo_frontend_model_workers{{model=\"mock-model\"}} {n}");
+    loop {
+        if let Ok(r) = client.get(format!("{url}/metrics")).send().await
+            && let Ok(m) = r.text().await
+            && m.contains(&want)
+        {
+            return t0.elapsed();
+        }
+        assert!(t0.elapsed() < within, "never {n} workers within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+type Results = Arc<Mutex<Vec<(Instant, End)>>>;
+
+/// Eight clients streaming back to back until `stop_at`.
+fn streaming_clients(
+    client: &reqwest::Client,
+    url: &str,
+    stop_at: Instant,
+) -> (Results, Vec<tokio::task::JoinHandle<()>>) {
+    let results: Results = Arc::default();
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let (client, url, results) = (client.clone(), url.to_string(), results.clone());
+        clients.push(tokio::spawn(async move {
+            while Instant::now() < stop_at {
+                let started = Instant::now();
+                let end = one_stream(&client, &url).await;
+                results.lock().push((started, end));
+            }
+        }));
+    }
+    (results, clients)
+}
+
+fn count(results: &[(Instant, End)], end: End) -> usize {
+    results.iter().filter(|r| r.1 == end).count()
+}
+
+#[test]
+#[ignore = "fault suite: make faults"]
+fn a_worker_killed_under_streaming_load_hangs_nothing_and_leaves_routing_at_once() {
+    let (mut f, url) = fleet(3);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let client = reqwest::Client::new();
-        // All three workers routable (the metrics say so).
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let m = client.get(format!("{url}/metrics")).send().await.unwrap().text().await.unwrap();
-            if m.contains("dynamo_frontend_model_workers{model=\"mock-model\"} 3") {
-                break;
-            }
-            assert!(Instant::now() < deadline, "the workers never registered");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        // Eight clients stream back to back; the victim dies 1.5 s in.
-        let results: Arc<Mutex<Vec<(Instant, End)>>> = Arc::default();
-        let stop_at = Instant::now() + Duration::from_millis(4500);
-        let mut clients = Vec::new();
-        for _ in 0..8 {
-            let (client, url, results) = (client.clone(), url.clone(), results.clone());
-            clients.push(tokio::spawn(async move {
-                while Instant::now() < stop_at {
-                    let started = Instant::now();
-                    let end = one_stream(&client, &url).await;
-                    results.lock().push((started, end));
-                }
-            }));
-        }
+        until_workers(&client, &url, 3, Duration::from_secs(20)).await;
+        // The victim dies 1.5 s in.
+        let (results, clients) =
+            streaming_clients(&client, &url, Instant::now() + Duration::from_millis(4500));
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let killed_at = Instant::now();
         f.children[0].kill().unwrap(); // SIGKILL
@@ -137,24 +172,104 @@ fn a_worker_killed_under_streaming_load_hangs_nothing_and_leaves_routing_at_once
             c.await.unwrap();
         }
         let results = results.lock().clone();
-        let count = |pred: &dyn Fn(&(Instant, End)) -> bool| results.iter().filter(|r| pred(r)).count();
         let after: Vec<End> = results.iter().filter(|(t, _)| *t > killed_at).map(|r| r.1).collect();
         println!(
             "worker kill -9: {} requests, {} started after the kill, {} done, {} errors, {} cut, {} hung",
             results.len(),
             after.len(),
-            count(&|r| r.1 == End::Done),
-            count(&|r| r.1 == End::Error),
-            count(&|r| r.1 == End::Cut),
-            count(&|r| r.1 == End::Hung),
+            count(&results, End::Done),
+            count(&results, End::Error),
+            count(&results, End::Cut),
+            count(&results, End::Hung),
         );
-        assert_eq!(count(&|r| r.1 == End::Hung), 0, "hung requests: {results:?}");
-        assert_eq!(count(&|r| r.1 == End::Cut), 0, "streams cut without an error event");
+        assert_eq!(count(&results, End::Hung), 0, "hung requests: {results:?}");
+        assert_eq!(count(&results, End::Cut), 0, "streams cut without an error event");
         assert!(after.len() >= 20, "too few requests after the kill: {}", after.len());
         // Retried before their first byte, away from the dead worker: every one served.
         assert!(
             after.iter().all(|e| *e == End::Done),
             "requests sent after the kill failed: {after:?}"
         );
+    });
+}
+
+#[test]
+#[ignore = "fault suite: make faults"]
+fn a_worker_stopped_with_sigterm_leaves_discovery_first_and_finishes_its_streams() {
+    let (mut f, url) = fleet(3);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = reqwest::Client::new();
+        until_workers(&client, &url, 3, Duration::from_secs(20)).await;
+        let (results, clients) =
+            streaming_clients(&client, &url, Instant::now() + Duration::from_millis(4500));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let pid = f.children[0].id().to_string();
+        let stopped = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(stopped.success());
+        // Out of routing at once, not when its lease would expire (10 s).
+        let left = until_workers(&client, &url, 2, Duration::from_secs(3)).await;
+        for c in clients {
+            c.await.unwrap();
+        }
+        let exit = tokio::task::spawn_blocking(move || {
+            let t0 = Instant::now();
+            let status = f.children[0].wait().unwrap();
+            (status, t0.elapsed(), f)
+        })
+        .await
+        .unwrap();
+        let results = results.lock().clone();
+        println!(
+            "worker SIGTERM: out of routing after {left:?}; {} requests, {} done, {} errors, {} cut, {} hung; exit {:?}",
+            results.len(),
+            count(&results, End::Done),
+            count(&results, End::Error),
+            count(&results, End::Cut),
+            count(&results, End::Hung),
+            exit.0,
+        );
+        assert!(exit.0.success(), "a graceful stop exits 0: {:?}", exit.0);
+        // Its streams finished on it; new ones went to the others: nothing failed.
+        assert_eq!(count(&results, End::Done), results.len(), "{results:?}");
+    });
+}
+
+#[test]
+#[ignore = "fault suite: make faults"]
+fn a_fleet_heals_when_etcd_is_replaced_by_an_empty_server() {
+    let (mut f, url) = fleet(2);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = reqwest::Client::new();
+        until_workers(&client, &url, 2, Duration::from_secs(20)).await;
+        assert_eq!(one_stream(&client, &url).await, End::Done);
+        // Every lease and registration is gone; the processes run on.
+        let replaced_at = Instant::now();
+        f.etcd.replace().expect("an empty etcd on the same ports");
+        // The workers' keepers find their leases gone and register again.
+        let store = kvrouter_runtime::discovery::EtcdDiscovery::connect(&[f.etcd.endpoint()])
+            .await
+            .unwrap();
+        let ep: kvrouter_runtime::endpoint::EndpointId = "faults.backend.generate".parse().unwrap();
+        use kvrouter_runtime::discovery::Discovery;
+        loop {
+            if store.list(&ep).await.map(|v| v.len()).unwrap_or(0) == 2 {
+                break;
+            }
+            assert!(replaced_at.elapsed() < Duration::from_secs(20), "the workers never registered again");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let registered = replaced_at.elapsed();
+        // The frontend's watch resyncs from the new server and follows them.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        until_workers(&client, &url, 2, Duration::from_secs(10)).await;
+        let healed = replaced_at.elapsed();
+        let mut ends = Vec::new();
+        for _ in 0..10 {
+            ends.push(one_stream(&client, &url).await);
+        }
+        println!("etcd replaced by an empty server: workers registered again after {registered:?}, routable (checked after a 1 s settle) by {healed:?}; 10 requests: {ends:?}");
+        assert!(ends.iter().all(|e| *e == End::Done), "{ends:?}");
     });
 }

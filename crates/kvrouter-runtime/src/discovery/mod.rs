@@ -50,18 +50,55 @@ pub enum DiscoveryError {
     },
 }
 
+/// How a registration is removed from its store.
+enum Deregister {
+    /// At once (in-memory and file stores).
+    Now(Box<dyn FnOnce() + Send>),
+    /// Over the network (etcd): awaited by [`Registration::close`], spawned on drop.
+    Later(Box<dyn FnOnce() -> futures::future::BoxFuture<'static, ()> + Send>),
+}
+
 /// Keeps an instance registered; dropping it deregisters.
 pub struct Registration {
     cancel: CancellationToken,
-    on_drop: Option<Box<dyn FnOnce() + Send>>,
+    on_drop: Option<Deregister>,
 }
+
+/// How long [`Registration::close`] waits for the store.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Registration {
     pub(crate) fn new(
         cancel: CancellationToken,
         on_drop: Option<Box<dyn FnOnce() + Send>>,
     ) -> Self {
-        Self { cancel, on_drop }
+        Self {
+            cancel,
+            on_drop: on_drop.map(Deregister::Now),
+        }
+    }
+
+    pub(crate) fn remote(
+        cancel: CancellationToken,
+        on_close: Box<dyn FnOnce() -> futures::future::BoxFuture<'static, ()> + Send>,
+    ) -> Self {
+        Self {
+            cancel,
+            on_drop: Some(Deregister::Later(on_close)),
+        }
+    }
+
+    /// Deregisters and waits (up to 2 s) until the store has it: how a
+    /// process that stops gracefully leaves before it stops serving.
+    pub async fn close(mut self) {
+        self.cancel.cancel();
+        match self.on_drop.take() {
+            Some(Deregister::Now(f)) => f(),
+            Some(Deregister::Later(f)) => {
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, f()).await;
+            }
+            None => {}
+        }
     }
 
     /// Stops renewing the lease without deregistering, as a crashed process
@@ -75,8 +112,15 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         self.cancel.cancel();
-        if let Some(f) = self.on_drop.take() {
-            f();
+        match self.on_drop.take() {
+            Some(Deregister::Now(f)) => f(),
+            // Drop cannot wait: in the background (the TTL is the backstop).
+            Some(Deregister::Later(f)) => {
+                if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                    handle.spawn(f());
+                }
+            }
+            None => {}
         }
     }
 }

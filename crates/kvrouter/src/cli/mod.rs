@@ -210,6 +210,10 @@ pub struct MockerArgs {
     /// The workers' part in disaggregated serving.
     #[arg(long, value_enum, default_value_t = args::DisaggregationMode::Agg)]
     pub disaggregation_mode: args::DisaggregationMode,
+    /// On SIGTERM or SIGINT the workers leave discovery at once; requests in
+    /// flight may then run this long before they are cut.
+    #[arg(long, value_name = "DURATION", default_value = "30", value_parser = args::parse_secs)]
+    pub graceful_shutdown_timeout: f64,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub standin: args::StandInArgs,

@@ -355,7 +355,7 @@ impl Parsed {
                     json!({"enable_prefix_caching": a.engine.enable_prefix_caching(), "enable_chunked_prefill": a.engine.enable_chunked_prefill()}),
                 );
                 put(
-                    json!({"endpoint": a.endpoint, "num_workers": a.num_workers, "durable_kv_events": a.durable_kv_events, "disaggregation_mode": a.disaggregation_mode}),
+                    json!({"endpoint": a.endpoint, "num_workers": a.num_workers, "durable_kv_events": a.durable_kv_events, "disaggregation_mode": a.disaggregation_mode, "graceful_shutdown_timeout": a.graceful_shutdown_timeout}),
                 );
                 if a.durable_kv_events && a.runtime.event_plane != super::args::EventPlane::Nats {
                     p.push(Problem {

@@ -189,6 +189,13 @@ fn flag_rows() -> Vec<(
             json!("prefill.router.generate"),
         ),
         (
+            "graceful_shutdown_timeout",
+            "mocker",
+            vec!["--graceful-shutdown-timeout", "3"],
+            "graceful_shutdown_timeout",
+            json!(3.0),
+        ),
+        (
             "disaggregation_mode",
             "mocker",
             vec!["--disaggregation-mode", "prefill"],

@@ -11,7 +11,9 @@ use serde_json::Value;
 /// (killed when the fleet is dropped).
 pub struct Fleet {
     _nats: NatsServer,
-    _etcd: EtcdServer,
+    /// The etcd server (faults replace it).
+    #[allow(dead_code)] // only the fault suite touches it
+    pub etcd: EtcdServer,
     nats_url: String,
     etcd_url: String,
     /// The processes started.
@@ -36,7 +38,7 @@ impl Fleet {
             nats_url: nats.url(),
             etcd_url: etcd.endpoint(),
             _nats: nats,
-            _etcd: etcd,
+            etcd,
             children: Vec::new(),
         }
     }

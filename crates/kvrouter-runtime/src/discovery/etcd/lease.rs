@@ -45,18 +45,15 @@ pub(super) async fn register(
         current: current.clone(),
     };
     tokio::spawn(keeper.run(cancel.clone()));
-    let mut revoker = client;
-    Ok(Registration::new(
+    Ok(Registration::remote(
         cancel,
-        Some(Box::new(move || {
-            // Drop cannot wait: revoke in the background (the TTL is the backstop).
+        Box::new(move || {
             let lease = current.load(Ordering::Relaxed);
-            if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                handle.spawn(async move {
-                    let _ = revoker.lease_revoke(lease).await;
-                });
-            }
-        })),
+            let mut revoker = client;
+            Box::pin(async move {
+                let _ = revoker.lease_revoke(lease).await;
+            })
+        }),
     ))
 }
 
