@@ -101,11 +101,11 @@ bench-index:
 	cd bench/dynamo-compare && $(CARGO) build --release
 	KVROUTER_SHARED=$(abspath $(SHARED)) python3 tools/bench_index.py
 
-## Fuzz the event decoder + index for 60 s (installs cargo-fuzz on first use).
+## Fuzz every decoder (KV-event JSON + index, engines' msgpack + translation,
+## request-plane frames, HTTP bodies + template + tokenizer) for RUNS inputs
+## each (default 10^6; installs cargo-fuzz on first use; ~15 min with the build).
 fuzz:
-	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
-	mkdir -p fuzz/corpus/router_event_json
-	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run router_event_json corpus/router_event_json seeds/router_event_json -- -max_total_time=60
+	RUNS=$(or $(RUNS),1000000) tools/fuzz.sh
 
 clean:
 	$(CARGO) clean

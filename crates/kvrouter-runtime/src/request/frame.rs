@@ -75,13 +75,13 @@ pub enum FrameError {
 /// a frame is checked against the size limit and its header as soon as its
 /// length arrives, and decoded without copying its payload.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct FrameCodec {
+pub struct FrameCodec {
     max: usize,
 }
 
 impl FrameCodec {
     /// A codec refusing frames over `max` bytes.
-    pub(crate) fn new(max: usize) -> Self {
+    pub fn new(max: usize) -> Self {
         Self { max }
     }
 }

@@ -31,8 +31,7 @@ use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
-use frame::FrameCodec;
-pub use frame::{Frame, FrameError, Kind, MAX_FRAME_DEFAULT};
+pub use frame::{Frame, FrameCodec, FrameError, Kind, MAX_FRAME_DEFAULT};
 pub use http::{HttpRequester, HttpResponseStream, http_router};
 pub use nats::{NatsRequester, NatsResponseStream, serve_nats, serve_nats_then};
 
