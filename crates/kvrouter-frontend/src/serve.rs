@@ -41,6 +41,8 @@ pub struct RoutingConfig {
     pub prefill_endpoint: Option<EndpointId>,
     /// Fail requests (503) instead of serving them aggregated when the prefill pool is down.
     pub enforce_disagg: bool,
+    /// Times a stream whose worker fails may move to another (`--migration-limit`).
+    pub migration_limit: u32,
 }
 
 /// A running frontend.
@@ -97,6 +99,7 @@ pub async fn start_frontend(
         .prefill_endpoint
         .map(|e| (PrefillClient::new(node.clone(), e), routing.enforce_disagg));
     let pool = WorkerPool::start(node, endpoint, router, cancel.child_token()).await?;
+    pool.set_migration_limit(routing.migration_limit);
     let frontend = Frontend::new(model, pre, Backend::Workers(pool), registry, prefill)
         .map_err(|e| e.to_string())?;
     listen(frontend, http, listener, cancel)

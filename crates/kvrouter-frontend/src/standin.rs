@@ -62,6 +62,7 @@ impl StandIn {
                 block_size,
                 prefill_endpoint: None,
                 enforce_disagg: false,
+                migration_limit: 0,
             },
             HttpOptions {
                 limits: HttpLimits {

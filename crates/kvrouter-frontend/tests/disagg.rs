@@ -83,6 +83,7 @@ async fn prefill_pool_then_decode_with_transferred_kv() {
             block_size: 64,
             prefill_endpoint: Some("pf.router.generate".parse().unwrap()),
             enforce_disagg: true,
+            migration_limit: 0,
         },
         HttpOptions::default(),
         listener,

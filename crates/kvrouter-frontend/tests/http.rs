@@ -55,6 +55,7 @@ async fn start(s: Setup) -> Server {
             block_size: 64,
             prefill_endpoint: None,
             enforce_disagg: false,
+            migration_limit: 0,
         },
         http: HttpOptions::default(),
         namespace: "test".into(),

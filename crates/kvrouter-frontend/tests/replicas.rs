@@ -32,6 +32,7 @@ async fn frontend(node: &Node, endpoint: &EndpointId) -> FrontendHandle {
             block_size: 64,
             prefill_endpoint: None,
             enforce_disagg: false,
+            migration_limit: 0,
         },
         HttpOptions::default(),
         listener,

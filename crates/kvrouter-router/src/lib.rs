@@ -3,7 +3,8 @@
 //! - [`router`]: the KV router — index, active sequences, busy detection and
 //!   selection behind one handle, with an RAII guard per routed request.
 //! - [`workers`]: a pool of engine workers followed through discovery and the
-//!   event plane, and the routed call that streams a worker's outputs back.
+//!   event plane; `generate` the routed call that streams a worker's outputs
+//!   back, retried before the first response and migrated after it.
 //! - [`standalone`]: the standalone router service (`{ns}.router.generate`,
 //!   `{ns}.router.best_worker_id`).
 //! - [`engines`]: external OpenAI-HTTP engines (vLLM, SGLang, …) followed
@@ -23,6 +24,7 @@ pub mod disagg;
 mod down;
 pub mod durable;
 pub mod engines;
+mod generate;
 pub mod global;
 pub mod metrics;
 pub mod passthrough;
@@ -34,7 +36,8 @@ pub mod standalone;
 pub mod sync;
 pub mod workers;
 
+pub use generate::{GenerateStream, MAX_ATTEMPTS};
 pub use kvrouter_core::llm::{LlmEngineOutput, PreprocessedRequest};
 pub use metrics::RouterMetrics;
 pub use router::{ActiveRequest, KvRouter, RouteError, RouteQuery, Routing};
-pub use workers::{GenerateError, GenerateStream, WorkerPool};
+pub use workers::{GenerateError, WorkerPool};

@@ -64,6 +64,12 @@ pub struct RouterMetrics {
     /// `kvrouter_kv_recoveries_total{result}`: recovery queries answered with
     /// `events` or a `dump`, or `failed`.
     pub recoveries: IntCounterVec,
+    /// `dynamo_frontend_model_migration_total{migration_type}`: requests moved
+    /// to another worker, before their first response (`new_request`) or mid-stream
+    /// (`ongoing_request`).
+    pub migrations: IntCounterVec,
+    /// `dynamo_frontend_model_migration_limit`.
+    pub migration_limit: prometheus::IntGauge,
     /// `kvrouter_router_queued_requests`: requests held in the router queue
     /// (a part of the frontend's `dynamo_frontend_queued_requests`).
     pub queue_depth: prometheus::IntGauge,
@@ -182,6 +188,17 @@ impl RouterMetrics {
                 ),
                 &["result"],
             )?,
+            migrations: IntCounterVec::new(
+                Opts::new(
+                    "dynamo_frontend_model_migration_total",
+                    "Requests moved to another worker after a worker failed, by when",
+                ),
+                &["migration_type"],
+            )?,
+            migration_limit: prometheus::IntGauge::new(
+                "dynamo_frontend_model_migration_limit",
+                "Times a failed stream may move to another worker",
+            )?,
             queue_depth: prometheus::IntGauge::new(
                 "kvrouter_router_queued_requests",
                 "Requests held in the router queue while every worker is saturated",
@@ -205,6 +222,8 @@ impl RouterMetrics {
         registry.register(Box::new(m.event_gaps.clone()))?;
         registry.register(Box::new(m.events_missed.clone()))?;
         registry.register(Box::new(m.recoveries.clone()))?;
+        registry.register(Box::new(m.migrations.clone()))?;
+        registry.register(Box::new(m.migration_limit.clone()))?;
         registry.register(Box::new(m.queue_depth.clone()))?;
         Ok(m)
     }

@@ -1,8 +1,8 @@
 //! A pool of engine workers seen through the runtime: discovery keeps the
 //! router's worker set current, the event plane feeds it KV events and load,
-//! and [`WorkerPool::generate`] routes a request, sends it over the request
-//! plane and streams the worker's outputs back while keeping the router's
-//! model of that request up to date.
+//! and [`WorkerPool::generate`] (in `generate.rs`) routes a request, sends it
+//! over the request plane and streams the worker's outputs back while keeping
+//! the router's model of that request up to date.
 //!
 //! Subjects (component-scoped, reference §4): KV events as `RouterEvent` JSON
 //! on `namespace.{ns}.component.{component}.kv-events`; `ActiveLoad` JSON on
@@ -18,7 +18,7 @@ use futures::StreamExt;
 use kvrouter_core::protocols::{ActiveLoad, RouterEvent};
 use kvrouter_runtime::discovery::DiscoveryEvent;
 use kvrouter_runtime::endpoint::{EndpointId, Instance, InstanceId, WorkerMetadata};
-use kvrouter_runtime::node::{Node, Responses};
+use kvrouter_runtime::node::Node;
 use kvrouter_runtime::request::RequestError;
 use parking_lot::RwLock;
 use tokio::sync::watch;
@@ -27,9 +27,8 @@ use tokio_util::sync::CancellationToken;
 use crate::admit::{Admission, Admitted};
 use crate::down::DownSet;
 use crate::recover::Recovery;
-use crate::router::{ActiveRequest, KvRouter, RouteError, RouteQuery};
+use crate::router::{KvRouter, RouteError};
 use crate::sync::ActiveSequenceEvent;
-use kvrouter_core::llm::{LlmEngineOutput, PreprocessedRequest};
 
 use kvrouter_runtime::subjects::{
     kv_events as kv_events_subject, kv_metrics as kv_metrics_subject,
@@ -105,23 +104,22 @@ pub enum GenerateError {
 
 /// Workers of one endpoint, and the router that picks among them.
 pub struct WorkerPool {
-    node: Node,
+    pub(crate) node: Node,
     endpoint: EndpointId,
-    router: Arc<KvRouter>,
+    pub(crate) router: Arc<KvRouter>,
     /// Live instances with their metadata, parsed once when they appear.
     instances: RwLock<BTreeMap<InstanceId, (Instance, WorkerMetadata)>>,
     count: watch::Sender<usize>,
     /// Workers whose connection failed, out of routing until they answer again.
-    down: Arc<DownSet>,
+    pub(crate) down: Arc<DownSet>,
     /// KV events only for workers discovery announced.
     admission: Arc<Admission>,
     /// Event ids followed and gaps repaired (plain event plane only).
     recovery: Option<Arc<Recovery>>,
+    /// Times a failed stream may move to another worker (`--migration-limit`).
+    migration_limit: std::sync::atomic::AtomicU32,
     cancel: CancellationToken,
 }
-
-/// Attempts per request when workers fail before their first response.
-const MAX_ATTEMPTS: usize = 3;
 
 impl WorkerPool {
     /// Subscribes to the endpoint's events and load, then follows its instances.
@@ -176,6 +174,7 @@ impl WorkerPool {
             down: Arc::default(),
             admission: Arc::default(),
             recovery,
+            migration_limit: Default::default(),
             cancel: cancel.clone(),
         });
         pool.down.spawn_prober(cancel.clone());
@@ -336,6 +335,28 @@ impl WorkerPool {
             .map(str::to_string)
     }
 
+    /// Lets a stream whose worker fails move to another worker up to `n`
+    /// times (0: never).
+    pub fn set_migration_limit(&self, n: u32) {
+        self.migration_limit
+            .store(n, std::sync::atomic::Ordering::Relaxed);
+        self.router.metrics().migration_limit.set(i64::from(n));
+    }
+
+    /// The migration limit.
+    pub fn migration_limit(&self) -> u32 {
+        self.migration_limit
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The request-plane address of worker `id`.
+    pub(crate) fn address_of(&self, id: InstanceId) -> Option<String> {
+        self.instances
+            .read()
+            .get(&id)
+            .map(|(i, _)| i.address.clone())
+    }
+
     /// Whether discovery announced worker `id`.
     pub fn has_worker(&self, id: InstanceId) -> bool {
         self.instances.read().contains_key(&id)
@@ -366,162 +387,10 @@ impl WorkerPool {
             .await
             .is_ok_and(|r| r.is_ok())
     }
-
-    /// Routes `req` (tracked as `request_id`), sends it, and streams the outputs.
-    ///
-    /// A worker that cannot be reached before anything was sent is skipped and
-    /// the request routed again (up to three workers).
-    pub async fn generate(
-        &self,
-        req: &PreprocessedRequest,
-        request_id: &str,
-    ) -> Result<GenerateStream, GenerateError> {
-        // What the worker gets: the request with its id and, per attempt, its rank.
-        let mut sent = req.clone();
-        sent.request_id = Some(request_id.to_string());
-        let mut exclude = Vec::new();
-        let mut failed = 0;
-        // Held here while every worker is saturated (the router queue).
-        let mut turn = Some(
-            self.router
-                .turn(req.token_ids.len(), req.priority_jump())
-                .await,
-        );
-        loop {
-            let mut avoid = self.down.ids();
-            avoid.extend_from_slice(&exclude);
-            let q = RouteQuery {
-                tokens: &req.token_ids,
-                config_override: req.router_config_override.as_ref(),
-                dp_rank: req.dp_rank(),
-                worker_id: req.routing.as_ref().and_then(|r| r.backend_instance_id),
-                exclude: &avoid,
-            };
-            let routing = self.router.select(&q)?;
-            let active = self
-                .router
-                .begin(request_id, &routing, req.expected_output_tokens());
-            // Committed: its load is counted, the next held request may go.
-            drop(turn.take());
-            let worker_id = routing.worker.worker_id;
-            let address = self
-                .instances
-                .read()
-                .get(&worker_id)
-                .map(|(i, _)| i.address.clone());
-            let Some(address) = address else {
-                exclude.push(worker_id);
-                continue;
-            };
-            // The worker learns its rank from the routing hints.
-            sent.routing.get_or_insert_with(Default::default).dp_rank =
-                Some(routing.worker.dp_rank);
-            let body = Bytes::from(serde_json::to_vec(&sent).expect("requests serialize"));
-            // Until the first response nothing has reached the client: a worker
-            // that cannot be reached, or whose connection breaks before it
-            // answers, costs a retry on another worker, not an error.
-            let outcome = match self.node.call(&address, body).await {
-                Ok(mut responses) => match responses.next().await {
-                    Some(Err(RequestError::ConnectionLost)) => Err(RequestError::ConnectionLost),
-                    first => Ok((responses, first)),
-                },
-                Err(e) => Err(e),
-            };
-            match outcome {
-                Ok((responses, first)) => {
-                    return Ok(GenerateStream {
-                        responses,
-                        first: Some(first),
-                        active,
-                        worker_id,
-                        overlap_blocks: routing.overlap_blocks,
-                        done: false,
-                    });
-                }
-                Err(e) if e.retryable() || e == RequestError::ConnectionLost => {
-                    drop(active);
-                    self.down.mark(worker_id, &address, &e.to_string());
-                    exclude.push(worker_id);
-                    failed += 1;
-                    if failed >= MAX_ATTEMPTS {
-                        return Err(GenerateError::Upstream {
-                            worker_id,
-                            source: e,
-                        });
-                    }
-                    tracing::warn!(worker = worker_id, error = %e, "worker failed before answering; routing again");
-                }
-                Err(source) => return Err(GenerateError::Upstream { worker_id, source }),
-            }
-        }
-    }
 }
 
 impl Drop for WorkerPool {
     fn drop(&mut self) {
         self.cancel.cancel();
-    }
-}
-
-/// A worker's outputs for one request; dropping it cancels the request and
-/// frees it in the router.
-pub struct GenerateStream {
-    responses: Responses,
-    /// The first response, read before the stream was handed out.
-    first: Option<Option<Result<Bytes, RequestError>>>,
-    active: ActiveRequest,
-    worker_id: InstanceId,
-    overlap_blocks: u32,
-    done: bool,
-}
-
-impl GenerateStream {
-    /// The worker serving the request.
-    pub fn worker_id(&self) -> InstanceId {
-        self.worker_id
-    }
-
-    /// The data-parallel rank serving the request.
-    pub fn dp_rank(&self) -> u32 {
-        self.active.worker().dp_rank
-    }
-
-    /// Prompt blocks the router predicted cached on that worker.
-    pub fn overlap_blocks(&self) -> u32 {
-        self.overlap_blocks
-    }
-
-    /// The next output; `None` at the end of the stream.
-    pub async fn next(&mut self) -> Option<Result<LlmEngineOutput, GenerateError>> {
-        if self.done {
-            return None;
-        }
-        let raw = match self.first.take() {
-            Some(first) => first,
-            None => self.responses.next().await,
-        };
-        let item = match raw {
-            None => None,
-            Some(Err(source)) => Some(Err(GenerateError::Upstream {
-                worker_id: self.worker_id,
-                source,
-            })),
-            Some(Ok(bytes)) => Some(serde_json::from_slice::<LlmEngineOutput>(&bytes).map_err(
-                |e| GenerateError::Protocol {
-                    worker_id: self.worker_id,
-                    message: e.to_string(),
-                },
-            )),
-        };
-        match &item {
-            Some(Ok(out)) => {
-                self.active.on_tokens(out.token_ids.len());
-                if out.finish_reason.is_some() {
-                    self.done = true;
-                }
-            }
-            _ => self.done = true,
-        }
-        item
     }
 }

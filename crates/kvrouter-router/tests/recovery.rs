@@ -71,7 +71,7 @@ fn prompt(conversation: u32, turn: u32) -> Vec<u32> {
 }
 
 /// Routes every conversation's `turn` through `pool`; returns the prompts.
-async fn route_turn(pool: &WorkerPool, turn: u32) -> Vec<Vec<u32>> {
+async fn route_turn(pool: &Arc<WorkerPool>, turn: u32) -> Vec<Vec<u32>> {
     let mut prompts = Vec::new();
     for conversation in 0..8 {
         let tokens = prompt(conversation, turn);

@@ -164,6 +164,7 @@ pub fn serve(
             block_size: args.engine.block_size,
             prefill_endpoint: None,
             enforce_disagg: false,
+            migration_limit: f.routing.migration_limit,
         },
         http: http_options(&f.runtime.endpoint_types, &f.http),
         namespace: f.runtime.namespace.clone(),
@@ -209,6 +210,8 @@ fn engines_frontend(
             .unwrap_or(DEFAULT_ENGINE_BLOCK_SIZE),
         prefill_endpoint: None,
         enforce_disagg: false,
+        // Refused above 0 with --engine (passthrough answers cannot move).
+        migration_limit: 0,
     };
     runtime()?.block_on(async move {
         let listener = bind(&f.http.http_host, f.http.http_port).await?;
@@ -387,6 +390,7 @@ pub fn frontend(
                     .transpose()
                     .map_err(anyhow::Error::msg)?,
                 enforce_disagg: args.routing.enforce_disagg,
+                migration_limit: args.routing.migration_limit,
             },
             http_options(&args.runtime.endpoint_types, &args.http),
             listener,

@@ -28,10 +28,15 @@ enum End {
 }
 
 async fn one_stream(client: &reqwest::Client, url: &str) -> End {
+    stream_of(client, url, 30).await
+}
+
+/// One streaming chat completion of `tokens` tokens.
+async fn stream_of(client: &reqwest::Client, url: &str, tokens: u32) -> End {
     let req = client
         .post(format!("{url}/v1/chat/completions"))
         .json(
-            &json!({"model": "mock-model", "max_tokens": 30, "ignore_eos": true, "stream": true,
+            &json!({"model": "mock-model", "max_tokens": tokens, "ignore_eos": true, "stream": true,
                       "messages": [{"role": "user", "content": "stream me something"}]}),
         )
         .send();
@@ -67,7 +72,7 @@ async fn one_stream(client: &reqwest::Client, url: &str) -> End {
 /// A fleet of `workers` mocker processes (one worker each, so one can be
 /// stopped alone) behind a round-robin frontend; returns it and its URL once
 /// every worker is routable.
-fn fleet(workers: usize) -> (Fleet, String) {
+fn fleet(workers: usize, frontend_args: &[&str]) -> (Fleet, String) {
     let mut f = Fleet::start();
     for _ in 0..workers {
         f.spawn(&[
@@ -82,20 +87,22 @@ fn fleet(workers: usize) -> (Fleet, String) {
             "faults",
         ]);
     }
+    let mut args = vec![
+        "frontend",
+        "--namespace",
+        "faults",
+        "--router-mode",
+        "round-robin",
+        "--http-host",
+        "127.0.0.1",
+        "--http-port",
+        "0",
+        "--model-name",
+        "mock-model",
+    ];
+    args.extend_from_slice(frontend_args);
     let mut frontend = f
-        .cmd(&[
-            "frontend",
-            "--namespace",
-            "faults",
-            "--router-mode",
-            "round-robin",
-            "--http-host",
-            "127.0.0.1",
-            "--http-port",
-            "0",
-            "--model-name",
-            "mock-model",
-        ])
+        .cmd(&args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -128,11 +135,12 @@ async fn until_workers(
 
 type Results = Arc<Mutex<Vec<(Instant, End)>>>;
 
-/// Eight clients streaming back to back until `stop_at`.
+/// Eight clients streaming `tokens`-token answers back to back until `stop_at`.
 fn streaming_clients(
     client: &reqwest::Client,
     url: &str,
     stop_at: Instant,
+    tokens: u32,
 ) -> (Results, Vec<tokio::task::JoinHandle<()>>) {
     let results: Results = Arc::default();
     let mut clients = Vec::new();
@@ -141,7 +149,7 @@ fn streaming_clients(
         clients.push(tokio::spawn(async move {
             while Instant::now() < stop_at {
                 let started = Instant::now();
-                let end = one_stream(&client, &url).await;
+                let end = stream_of(&client, &url, tokens).await;
                 results.lock().push((started, end));
             }
         }));
@@ -156,14 +164,14 @@ fn count(results: &[(Instant, End)], end: End) -> usize {
 #[test]
 #[ignore = "fault suite: make faults"]
 fn a_worker_killed_under_streaming_load_hangs_nothing_and_leaves_routing_at_once() {
-    let (mut f, url) = fleet(3);
+    let (mut f, url) = fleet(3, &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let client = reqwest::Client::new();
         until_workers(&client, &url, 3, Duration::from_secs(20)).await;
         // The victim dies 1.5 s in.
         let (results, clients) =
-            streaming_clients(&client, &url, Instant::now() + Duration::from_millis(4500));
+            streaming_clients(&client, &url, Instant::now() + Duration::from_millis(4500), 30);
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let killed_at = Instant::now();
         f.children[0].kill().unwrap(); // SIGKILL
@@ -196,13 +204,13 @@ fn a_worker_killed_under_streaming_load_hangs_nothing_and_leaves_routing_at_once
 #[test]
 #[ignore = "fault suite: make faults"]
 fn a_worker_stopped_with_sigterm_leaves_discovery_first_and_finishes_its_streams() {
-    let (mut f, url) = fleet(3);
+    let (mut f, url) = fleet(3, &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let client = reqwest::Client::new();
         until_workers(&client, &url, 3, Duration::from_secs(20)).await;
         let (results, clients) =
-            streaming_clients(&client, &url, Instant::now() + Duration::from_millis(4500));
+            streaming_clients(&client, &url, Instant::now() + Duration::from_millis(4500), 30);
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let pid = f.children[0].id().to_string();
         let stopped = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
@@ -238,7 +246,7 @@ fn a_worker_stopped_with_sigterm_leaves_discovery_first_and_finishes_its_streams
 #[test]
 #[ignore = "fault suite: make faults"]
 fn a_fleet_heals_when_etcd_is_replaced_by_an_empty_server() {
-    let (mut f, url) = fleet(2);
+    let (mut f, url) = fleet(2, &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let client = reqwest::Client::new();
@@ -271,5 +279,44 @@ fn a_fleet_heals_when_etcd_is_replaced_by_an_empty_server() {
         }
         println!("etcd replaced by an empty server: workers registered again after {registered:?}, routable (checked after a 1 s settle) by {healed:?}; 10 requests: {ends:?}");
         assert!(ends.iter().all(|e| *e == End::Done), "{ends:?}");
+    });
+}
+
+#[test]
+#[ignore = "fault suite: make faults"]
+fn with_migration_a_worker_killed_mid_stream_costs_no_stream() {
+    let (mut f, url) = fleet(3, &["--migration-limit", "2"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = reqwest::Client::new();
+        until_workers(&client, &url, 3, Duration::from_secs(20)).await;
+        let (results, clients) =
+            // Long answers (about a second each): the victim is mid-stream when it dies.
+            streaming_clients(&client, &url, Instant::now() + Duration::from_millis(4500), 600);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        f.children[0].kill().unwrap(); // SIGKILL, streams in flight on it
+        f.children[0].wait().unwrap();
+        for c in clients {
+            c.await.unwrap();
+        }
+        let m = client.get(format!("{url}/metrics")).send().await.unwrap().text().await.unwrap();
+        let moved = m
+            .lines()
+            .find(|l| l.starts_with("dynamo_frontend_model_migration_total{migration_type=\"ongoing_request\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .unwrap_or("0")
+            .to_string();
+        let results = results.lock().clone();
+        println!(
+            "worker kill -9 with --migration-limit 2: {} requests, {} done, {} errors, {} cut, {} hung; {moved} streams migrated",
+            results.len(),
+            count(&results, End::Done),
+            count(&results, End::Error),
+            count(&results, End::Cut),
+            count(&results, End::Hung),
+        );
+        assert!(moved.parse::<u64>().unwrap_or(0) >= 1, "no stream was in flight on the victim");
+        // The streams in flight on the killed worker moved: every one completed.
+        assert_eq!(count(&results, End::Done), results.len(), "{results:?}");
     });
 }

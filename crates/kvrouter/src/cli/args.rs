@@ -362,7 +362,11 @@ pub struct RoutingArgs {
     /// KV block size in tokens [default: the workers' own].
     #[arg(long, help_heading = "Routing")]
     pub kv_cache_block_size: Option<u32>,
-    /// Times a failed stream may move to another worker: not implemented, only 0.
+    /// Times a stream whose worker fails mid-generation may continue on another
+    /// worker, as a new request of the prompt plus the tokens generated so far
+    /// (0: never; the client then gets an error event). Before the first token a
+    /// failed worker is always skipped. Not with --engine: a passthrough answer
+    /// cannot move once it has started.
     #[arg(long, default_value_t = 0, help_heading = "Routing")]
     pub migration_limit: u32,
     /// Refuse aggregated serving when a prefill pool exists but is down.

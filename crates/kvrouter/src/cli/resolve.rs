@@ -659,12 +659,13 @@ fn frontend_settings(
     runtime_problems(sub, &a.runtime, p);
     engine_set_problems(sub, a, explicit, p);
     must_exist(sub, "model_path", a.model.model_path.as_deref(), p);
-    if a.routing.migration_limit > 0 {
+    if a.routing.migration_limit > 0 && !a.engines.engines.is_empty() {
         p.push(Problem {
-            flags: vec![flag(sub, "migration_limit")],
+            flags: vec![flag(sub, "migration_limit"), flag(sub, "engines")],
             message: format!(
-                "request migration is not implemented (got {}): a stream whose worker \
-                 fails ends with an error the client sees; set 0 or leave it out",
+                "requests forwarded to --engine engines cannot move once the engine's \
+                 answer has started (it is passed through unchanged), and before that \
+                 they are always retried on another engine (got {}): leave it 0",
                 a.routing.migration_limit
             ),
         });

@@ -304,9 +304,9 @@ fn flag_rows() -> Vec<(
         (
             "migration_limit",
             "frontend",
-            vec!["--migration-limit", "0"],
+            vec!["--migration-limit", "3"],
             "migration_limit",
-            json!(0),
+            json!(3),
         ),
         (
             "enforce_disagg",
@@ -945,11 +945,6 @@ fn unimplemented_reference_flags_are_refused_by_flag_and_env() {
             &["--dyn-reasoning-parser", "deepseek_r1"][..],
             ("DYN_REASONING_PARSER", "deepseek_r1"),
             "--dyn-reasoning-parser",
-        ),
-        (
-            &["--migration-limit", "3"][..],
-            ("DYN_MIGRATION_LIMIT", "3"),
-            "--migration-limit",
         ),
         (
             &["--connector", "none,nixl"][..],
