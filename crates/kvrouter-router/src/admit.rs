@@ -6,6 +6,10 @@
 //! at most [`HOLD_PER_WORKER`] of them, for at most [`HOLD_WORKERS`] unknown
 //! workers — and applied if the worker is announced in time; otherwise they
 //! are dropped and counted (`dynamo_kvrouter_kv_cache_events_rejected{reason="unknown_worker"}`).
+//!
+//! In durable mode the router lists discovery before it replays the
+//! snapshot and the stream, so the backlog of workers that are still there is
+//! admitted and that of workers that left is not.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -23,7 +27,7 @@ pub const HOLD_WORKERS: usize = 64;
 
 /// What became of an event.
 #[derive(Debug)]
-pub(crate) enum Admitted {
+pub enum Admitted {
     /// Its worker is known: apply it.
     Apply(RouterEvent),
     /// Held for its worker's announcement.
@@ -45,13 +49,29 @@ struct State {
 
 /// The gate between the event plane and the index.
 #[derive(Default)]
-pub(crate) struct Admission {
+pub struct Admission {
     state: Mutex<State>,
 }
 
 impl Admission {
+    /// Applies `ev` through the gate to `router`, counting what it rejects.
+    pub fn admit_into(&self, router: &crate::KvRouter, ev: RouterEvent) {
+        let (verdict, expired) = self.admit(ev);
+        let rejected = expired + usize::from(matches!(verdict, Admitted::Rejected));
+        if rejected > 0 {
+            router
+                .metrics()
+                .events_rejected
+                .with_label_values(&["unknown_worker"])
+                .inc_by(rejected as u64);
+        }
+        if let Admitted::Apply(ev) = verdict {
+            router.apply_event(&ev);
+        }
+    }
+
     /// Decides `ev`; also returns how many held events expired (to be counted as rejected).
-    pub(crate) fn admit(&self, ev: RouterEvent) -> (Admitted, usize) {
+    pub fn admit(&self, ev: RouterEvent) -> (Admitted, usize) {
         let now = Instant::now();
         let mut st = self.state.lock();
         let expired = expire(&mut st, now);
@@ -74,14 +94,14 @@ impl Admission {
     }
 
     /// Discovery announced `id`: its held events, in arrival order, to apply now.
-    pub(crate) fn announce(&self, id: InstanceId) -> Vec<RouterEvent> {
+    pub fn announce(&self, id: InstanceId) -> Vec<RouterEvent> {
         let mut st = self.state.lock();
         st.known.insert(id);
         st.waiting.remove(&id).map(|w| w.events).unwrap_or_default()
     }
 
     /// Discovery removed `id`: its later events are held and then rejected.
-    pub(crate) fn retire(&self, id: InstanceId) {
+    pub fn retire(&self, id: InstanceId) {
         self.state.lock().known.remove(&id);
     }
 }

@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kvrouter_core::protocols::{RouterEvent, decode_router_event};
+
+use crate::admit::Admission;
 use kvrouter_runtime::endpoint::EndpointId;
 use kvrouter_runtime::events::{
     DurableEvents, DurableNames, EventError, SNAPSHOT_OBJECT, SnapshotStore, open_kv_stream,
@@ -36,13 +38,21 @@ pub struct Recovery {
 }
 
 /// Loads the snapshot (or resets), then consumes the stream in the background.
+/// With a `gate`, only events of workers it admits reach the index (the
+/// worker pool's discovery-fed gate); without one, every event does (tools
+/// replaying a stream they trust).
 pub async fn start(
     client: kvrouter_runtime::async_nats::Client,
     endpoint: &EndpointId,
     router: Arc<KvRouter>,
     consumer_name: String,
     cancel: CancellationToken,
+    gate: Option<Arc<Admission>>,
 ) -> Result<Recovery, EventError> {
+    let apply = move |router: &KvRouter, ev: RouterEvent| match &gate {
+        Some(g) => g.admit_into(router, ev),
+        None => router.apply_event(&ev),
+    };
     let names = DurableNames::of(endpoint);
     let stream = open_kv_stream(client, endpoint).await?;
     let store = stream.snapshots(&names.bucket).await?;
@@ -55,14 +65,15 @@ pub async fn start(
         let t = Instant::now();
         let events: Vec<RouterEvent> = serde_json::from_slice(&bytes)
             .map_err(|e| EventError::Malformed(format!("snapshot: {e}")))?;
-        for ev in &events {
-            router.apply_event(ev);
+        let n = events.len();
+        for ev in events {
+            apply(&router, ev);
         }
         recovery = Recovery {
-            snapshot_events: events.len(),
+            snapshot_events: n,
             snapshot_load: t.elapsed(),
         };
-        tracing::info!(events = events.len(), elapsed = ?t.elapsed(), "index snapshot loaded");
+        tracing::info!(events = n, elapsed = ?t.elapsed(), "index snapshot loaded");
     }
     let mut consumer = stream
         .consumer(&consumer_name, Duration::from_secs(30))
@@ -107,7 +118,7 @@ pub async fn start(
                     Some(Ok(d)) => {
                         retry.reset();
                         match decode_router_event(&d.payload) {
-                            Ok(ev) => router.apply_event(&ev),
+                            Ok(ev) => apply(&router, ev),
                             Err(e) => {
                                 router.metrics().events_rejected.with_label_values(&["decode"]).inc();
                                 tracing::warn!(error = %e, sequence = d.sequence, "undecodable durable KV event skipped");

@@ -129,16 +129,34 @@ impl WorkerPool {
         router: Arc<KvRouter>,
         cancel: CancellationToken,
     ) -> Result<Arc<Self>, String> {
+        let admission = Arc::new(Admission::default());
         // Durable mode consumes the JetStream stream instead of the plain subject.
         if router.config().use_kv_events && router.config().durable_kv_events {
             let client = node
                 .nats
                 .clone()
                 .ok_or("--durable-kv-events needs NATS (JetStream): use --event-plane nats")?;
-            let name = format!("router-{}", kvrouter_runtime::node::new_instance_id());
-            crate::durable::start(client, &endpoint, router.clone(), name, cancel.clone())
+            // The backlog replays before the watch reports anyone: admit the
+            // workers discovery lists now (the watch announces them again).
+            for i in node
+                .discovery
+                .list(&endpoint)
                 .await
-                .map_err(|e| format!("durable KV events: {e}"))?;
+                .map_err(|e| e.to_string())?
+            {
+                admission.announce(i.id);
+            }
+            let name = format!("router-{}", kvrouter_runtime::node::new_instance_id());
+            crate::durable::start(
+                client,
+                &endpoint,
+                router.clone(),
+                name,
+                cancel.clone(),
+                Some(admission.clone()),
+            )
+            .await
+            .map_err(|e| format!("durable KV events: {e}"))?;
         }
         // Subscribe before watching so no event of a new worker is missed.
         let mut events = if router.config().use_kv_events && !router.config().durable_kv_events {
@@ -172,7 +190,7 @@ impl WorkerPool {
             instances: RwLock::new(BTreeMap::new()),
             count,
             down: Arc::default(),
-            admission: Arc::default(),
+            admission,
             recovery,
             migration_limit: Default::default(),
             cancel: cancel.clone(),

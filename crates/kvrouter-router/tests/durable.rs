@@ -143,6 +143,58 @@ async fn restart_recovers_the_index_from_snapshot_and_stream() {
     };
     assert_eq!(after, before, "answers differ after restart");
     drop(second);
+    // Forged events in the stream, for 100 workers discovery never announced
+    // (two each): a router replaying the stream keeps none of them; past the
+    // 64 unknown workers it holds events for, they are rejected at once.
+    let phantoms = 424_200u64..424_300;
+    let flood = 2 * (phantoms.end - phantoms.start);
+    for i in 0..flood {
+        let ev = kvrouter_core::RouterEvent::new(
+            phantoms.start + i / 2,
+            kvrouter_core::protocols::KvCacheEvent {
+                event_id: i,
+                data: kvrouter_core::protocols::KvCacheEventData::Stored(
+                    kvrouter_core::protocols::KvCacheStoreData {
+                        parent_hash: None,
+                        blocks: vec![kvrouter_core::protocols::KvCacheStoredBlockData {
+                            block_hash: kvrouter_core::ExternalSequenceBlockHash(9_000_000 + i),
+                            tokens_hash: kvrouter_core::LocalBlockHash(8_000_000 + i),
+                            mm_extra_info: None,
+                        }],
+                    },
+                ),
+                dp_rank: 0,
+            },
+        );
+        kvrouter_router::durable::publish(&stream, &ev)
+            .await
+            .unwrap();
+    }
+    let gated = router(&node, &endpoint, false).await;
+    until("the forged backlog replayed", || {
+        gated
+            .router()
+            .metrics()
+            .events_rejected
+            .with_label_values(&["unknown_worker"])
+            .get()
+            >= flood - 2 * kvrouter_router::admit::HOLD_WORKERS as u64
+    })
+    .await;
+    assert!(
+        !gated
+            .router()
+            .dump_events()
+            .iter()
+            .any(|e| phantoms.contains(&e.worker_id)),
+        "forged blocks reached the index"
+    );
+    assert_eq!(
+        answers(&gated, &prompts),
+        before,
+        "the real workers' blocks are all there"
+    );
+    drop(gated);
     // --router-reset-states: stream purged, snapshot deleted, index empty.
     let third = router(&node, &endpoint, true).await;
     assert_eq!(stream.message_count().await.unwrap(), 0);

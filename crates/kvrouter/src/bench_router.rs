@@ -295,6 +295,7 @@ async fn recovery(
         restarted.clone(),
         "bench-recovery".into(),
         cancel.clone(),
+        None,
     )
     .await?;
     let recover_secs = t.elapsed().as_secs_f64();
