@@ -39,6 +39,22 @@ struct Leg {
     overlap_blocks: u32,
 }
 
+/// Counts a stream in flight while it lives (for a graceful stop).
+struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlight {
+    fn new(n: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(n.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// What a stream needs to move to another worker.
 struct Migration {
     pool: Arc<WorkerPool>,
@@ -76,6 +92,7 @@ impl WorkerPool {
             .is_some_and(|r| r.backend_instance_id.is_some());
         Ok(GenerateStream {
             leg,
+            _in_flight: InFlight::new(&self.in_flight),
             done: false,
             migration: (limit > 0 && !pinned).then(|| Migration {
                 pool: self.clone(),
@@ -177,6 +194,7 @@ impl WorkerPool {
 /// frees it in the router.
 pub struct GenerateStream {
     leg: Leg,
+    _in_flight: InFlight,
     done: bool,
     /// Set when the pool has a migration limit.
     migration: Option<Migration>,

@@ -225,6 +225,17 @@ impl Handler for SinkQueries {
 }
 
 impl Sidecar {
+    /// Leaves discovery (awaited) before the sidecar stops, so routers stop
+    /// sending to the engine at once.
+    pub async fn deregister(mut self) {
+        self._query.deregister().await;
+        // The engine's own registration lives in the follow task: stopping it drops it.
+        self.cancel.cancel();
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+    }
+
     /// Asks the engine its model, geometry and event ports, registers it as
     /// instance `id` of `cfg.endpoint`, and starts following it.
     pub async fn start(node: Node, cfg: SidecarConfig, id: InstanceId) -> Result<Self, String> {
@@ -376,7 +387,13 @@ async fn follow(mut f: FollowCtx) {
     let load_subject = kv_metrics_subject(&f.endpoint.namespace);
     loop {
         tokio::select! {
-            _ = f.cancel.cancelled() => return,
+            _ = f.cancel.cancelled() => {
+                // Stopping: leave discovery before the process goes.
+                if let Some(s) = f.served.as_mut() {
+                    s.deregister().await;
+                }
+                return;
+            }
             _ = tick.tick() => {}
         }
         let healthy = f.probe.healthy().await;

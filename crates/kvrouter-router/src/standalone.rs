@@ -200,6 +200,19 @@ pub struct StandaloneRouter {
 }
 
 impl StandaloneRouter {
+    /// Stops gracefully: leaves discovery (awaited), lets the streams in
+    /// flight finish for up to `grace`, then stops serving; returns how many
+    /// were still running (and are cut).
+    pub async fn stop(mut self, grace: std::time::Duration) -> usize {
+        self.generate.deregister().await;
+        self.best_worker_id.deregister().await;
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.pool.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        self.pool.in_flight()
+    }
+
     /// Serves `pool`'s routing as `{namespace}.router.{generate,best_worker_id}`, instance `id`.
     pub async fn start(
         node: &Node,

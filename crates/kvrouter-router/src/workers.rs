@@ -118,6 +118,8 @@ pub struct WorkerPool {
     recovery: Option<Arc<Recovery>>,
     /// Times a failed stream may move to another worker (`--migration-limit`).
     migration_limit: std::sync::atomic::AtomicU32,
+    /// Streams handed out and not yet dropped.
+    pub(crate) in_flight: Arc<std::sync::atomic::AtomicUsize>,
     cancel: CancellationToken,
 }
 
@@ -193,6 +195,7 @@ impl WorkerPool {
             admission,
             recovery,
             migration_limit: Default::default(),
+            in_flight: Arc::default(),
             cancel: cancel.clone(),
         });
         pool.down.spawn_prober(cancel.clone());
@@ -365,6 +368,11 @@ impl WorkerPool {
     pub fn migration_limit(&self) -> u32 {
         self.migration_limit
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Streams of this pool in flight.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The request-plane address of worker `id`.

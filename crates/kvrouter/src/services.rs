@@ -536,7 +536,7 @@ pub fn engine(args: &EngineCmdArgs) -> anyhow::Result<()> {
             }
         );
         shutdown_signal().await;
-        drop(sidecar);
+        sidecar.deregister().await;
         Ok(())
     })
 }
@@ -617,8 +617,14 @@ pub fn router(args: &RouterArgs, kv: KvRouterConfig) -> anyhow::Result<()> {
             args.router_block_size
         );
         shutdown_signal().await;
+        let grace = Duration::from_secs_f64(args.graceful_shutdown_timeout);
+        let cut = service.stop(grace).await;
+        if cut > 0 {
+            eprintln!(
+                "kvrouter router: {cut} requests still running at the shutdown timeout are cut"
+            );
+        }
         cancel.cancel();
-        drop(service);
         Ok(())
     })
 }
@@ -719,6 +725,10 @@ pub fn global_router(args: &GlobalRouterArgs) -> anyhow::Result<()> {
             service.generate.instance.endpoint, service.prefill.instance.endpoint, args.model_name
         );
         shutdown_signal().await;
+        // Leave discovery before stopping, so frontends stop sending at once.
+        let mut service = service;
+        service.generate.deregister().await;
+        service.prefill.deregister().await;
         Ok(())
     })
 }

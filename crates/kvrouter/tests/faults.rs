@@ -320,3 +320,66 @@ fn with_migration_a_worker_killed_mid_stream_costs_no_stream() {
         assert_eq!(count(&results, End::Done), results.len(), "{results:?}");
     });
 }
+
+#[test]
+#[ignore = "fault suite: make faults"]
+fn services_stopped_with_sigterm_leave_discovery_at_once() {
+    use kvrouter_runtime::discovery::{Discovery, EtcdDiscovery};
+    let mut f = Fleet::start();
+    f.spawn(&[
+        "mocker",
+        "--endpoint",
+        "stop.backend.generate",
+        "--namespace",
+        "stop",
+    ]);
+    f.spawn(&[
+        "router",
+        "--endpoint",
+        "stop.backend.generate",
+        "--block-size",
+        "64",
+        "--namespace",
+        "stop",
+    ]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = EtcdDiscovery::connect(&[f.etcd.endpoint()]).await.unwrap();
+        let listed = |ep: &'static str| {
+            let store = store.clone();
+            async move {
+                let ep: kvrouter_runtime::endpoint::EndpointId = ep.parse().unwrap();
+                store.list(&ep).await.map(|v| v.len()).unwrap_or(0)
+            }
+        };
+        let t0 = Instant::now();
+        while listed("stop.router.generate").await == 0
+            || listed("stop.backend.generate").await == 0
+        {
+            assert!(t0.elapsed() < Duration::from_secs(20), "never registered");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for (i, ep) in [(1, "stop.router.generate"), (0, "stop.backend.generate")] {
+            let pid = f.children[i].id().to_string();
+            let t = Instant::now();
+            assert!(
+                std::process::Command::new("kill")
+                    .args(["-TERM", &pid])
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+            while listed(ep).await > 0 {
+                assert!(
+                    t.elapsed() < Duration::from_secs(3),
+                    "{ep} still registered (its lease is 10 s)"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let left = t.elapsed();
+            let status = f.children[i].wait().unwrap();
+            println!("SIGTERM: {ep} left discovery after {left:?}, exit {status:?}");
+            assert!(status.success());
+        }
+    });
+}

@@ -158,6 +158,10 @@ pub struct RouterArgs {
         default_value_t = 128
     )]
     pub router_block_size: u32,
+    /// On SIGTERM or SIGINT the router leaves discovery at once; requests in
+    /// flight through it may then run this long before they are cut.
+    #[arg(long, value_name = "DURATION", default_value = "30", value_parser = args::parse_secs)]
+    pub graceful_shutdown_timeout: f64,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub kv: KvArgs,

@@ -269,7 +269,9 @@ impl Parsed {
                         message: format!("must be at least 2, got {}", a.router_block_size),
                     });
                 }
-                put(json!({"endpoint": a.endpoint}));
+                put(
+                    json!({"endpoint": a.endpoint, "graceful_shutdown_timeout": a.graceful_shutdown_timeout}),
+                );
                 put(json!(a.runtime));
                 (
                     sub,

@@ -190,6 +190,13 @@ fn flag_rows() -> Vec<(
         ),
         (
             "graceful_shutdown_timeout",
+            "router",
+            vec!["--graceful-shutdown-timeout", "4"],
+            "graceful_shutdown_timeout",
+            json!(4.0),
+        ),
+        (
+            "graceful_shutdown_timeout",
             "mocker",
             vec!["--graceful-shutdown-timeout", "3"],
             "graceful_shutdown_timeout",
