@@ -9,12 +9,14 @@
 //! - [`request`]: one request in, a stream of responses out, with back-pressure
 //!   and cancellation (multiplexed TCP).
 //!
-//! Addresses are [`endpoint::EndpointId`]s; every event-plane subject name is
+//! A [`node::Node`] bundles the three for one process; [`connect`] builds one
+//! from its configuration. Addresses are [`endpoint::EndpointId`]s; every event-plane subject name is
 //! in [`subjects`]; wire formats are documented in
 //! `docs/runtime.md`.
 
 #![deny(missing_docs)]
 
+pub mod connect;
 pub mod discovery;
 pub mod endpoint;
 pub mod events;

@@ -25,18 +25,11 @@ use kvrouter_frontend::{HttpOptions, Preprocessor};
 use kvrouter_mocker::service::{self, WorkerConfig};
 use kvrouter_mocker::vllm::ZmqEventsConfig;
 use kvrouter_router::engines::EnginePoolConfig;
-use kvrouter_runtime::discovery::{
-    Discovery, EtcdDiscovery, FileDiscovery, MemDiscovery, etcd_endpoints,
-};
 use kvrouter_runtime::endpoint::{EndpointId, WorkerMetadata};
-use kvrouter_runtime::events::{EventPlane, InProcEvents, NatsEvents, nats_url};
-use kvrouter_runtime::node::{Node, Plane, new_instance_id};
+use kvrouter_runtime::node::{Node, new_instance_id};
 use tokio::net::TcpListener;
 
-use crate::cli::args::{
-    EndpointType, EventPlane as EventPlaneArg, HttpArgs, ModelArgs, RequestPlane, RuntimeArgs,
-    StoreKv,
-};
+use crate::cli::args::{EndpointType, HttpArgs, ModelArgs, RuntimeArgs};
 use crate::cli::{
     CallArgs, EngineCmdArgs, FrontendArgs, GlobalRouterArgs, MockerArgs, RouterArgs, ServeArgs,
 };
@@ -246,58 +239,8 @@ fn engines_frontend(
 
 /// The process's runtime planes, as configured.
 async fn node(r: &RuntimeArgs, bind_host: &str) -> anyhow::Result<Node> {
-    let store = r.store_kv.unwrap_or(StoreKv::Etcd);
-    let discovery: Arc<dyn Discovery> = match store {
-        StoreKv::Etcd => {
-            let eps = etcd_endpoints(env("ETCD_ENDPOINTS"));
-            Arc::new(
-                EtcdDiscovery::connect(&eps)
-                    .await
-                    .with_context(|| format!("connecting to etcd at {}", eps.join(",")))?,
-            )
-        }
-        StoreKv::File => Arc::new(FileDiscovery::new(
-            FileDiscovery::default_root(env("DYN_FILE_KV")),
-            Duration::from_millis(200),
-        )),
-        StoreKv::Mem => Arc::new(MemDiscovery::new()),
-    };
-    let needs_nats = r.event_plane == EventPlaneArg::Nats || r.request_plane == RequestPlane::Nats;
-    let nats = if needs_nats {
-        let url = nats_url(env("NATS_SERVER"));
-        Some(
-            NatsEvents::connect(&url)
-                .await
-                .with_context(|| format!("connecting to NATS at {url}"))?,
-        )
-    } else {
-        None
-    };
-    let events: Arc<dyn EventPlane> = match (&nats, r.event_plane) {
-        (Some(n), EventPlaneArg::Nats) => Arc::new(n.clone()),
-        (_, EventPlaneArg::Zmq) => bail!(
-            "--event-plane zmq: engine workers publish ZeroMQ directly to routers; between \
-             kvrouter processes use --event-plane nats"
-        ),
-        _ => Arc::new(InProcEvents::new()),
-    };
-    if store == StoreKv::Mem {
-        tracing::warn!("--store-kv mem: this process only sees instances it registers itself");
-    }
-    let plane = match r.request_plane {
-        RequestPlane::Tcp => Plane::Tcp,
-        RequestPlane::Nats => Plane::Nats,
-        RequestPlane::Http => Plane::Http,
-    };
-    let mut node = Node::new(
-        discovery,
-        events,
-        plane,
-        nats.as_ref().map(|n| n.client()),
-        bind_host,
-    );
-    node.advertise_host = env("DYN_TCP_ADVERTISE_HOST");
-    Ok(node)
+    let cfg = r.node_config(bind_host).map_err(anyhow::Error::msg)?;
+    Ok(Node::connect(&cfg).await?)
 }
 
 fn worker_endpoint(namespace: &str) -> EndpointId {
@@ -543,8 +486,8 @@ pub fn engine(args: &EngineCmdArgs) -> anyhow::Result<()> {
 
 /// Serves `registry` at `http://0.0.0.0:$DYN_SYSTEM_PORT/metrics` when that
 /// variable is set (as Dynamo's components do; unset or -1 means off).
-async fn system_metrics(registry: prometheus::Registry) -> anyhow::Result<()> {
-    let Some(port) = env("DYN_SYSTEM_PORT") else {
+async fn system_metrics(registry: prometheus::Registry, r: &RuntimeArgs) -> anyhow::Result<()> {
+    let Some(port) = r.env.system_port.as_deref() else {
         return Ok(());
     };
     let port: i32 = port
@@ -608,7 +551,7 @@ pub fn router(args: &RouterArgs, kv: KvRouterConfig) -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)?;
         let id = new_instance_id();
         // Metrics first: once the router is discoverable, its metrics answer too.
-        system_metrics(registry).await?;
+        system_metrics(registry, &args.runtime).await?;
         let service = StandaloneRouter::start(&node, &args.runtime.namespace, id, pool).await?;
         println!(
             "kvrouter router: instance {id} serving {} and {} for {endpoint} (block size {})",
@@ -705,7 +648,7 @@ pub fn global_router(args: &GlobalRouterArgs) -> anyhow::Result<()> {
         let node = node(&args.runtime, "0.0.0.0").await?;
         let registry = prometheus::Registry::new();
         let id = new_instance_id();
-        system_metrics(registry.clone()).await?;
+        system_metrics(registry.clone(), &args.runtime).await?;
         let service = GlobalRouter::start(
             &node,
             &args.runtime.namespace,

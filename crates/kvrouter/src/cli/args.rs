@@ -159,6 +159,11 @@ pub struct RuntimeArgs {
     /// Validate the configuration (and write `--dump-config-to`), then exit without starting.
     #[arg(long, help_heading = "Runtime")]
     pub check_config: bool,
+    /// The settings only the environment gives (`ETCD_ENDPOINTS`, `NATS_SERVER`, …),
+    /// from the same injected environment as the flags.
+    #[arg(skip)]
+    #[serde(skip)]
+    pub env: super::runtime::RuntimeEnv,
 }
 
 /// The KV router's knobs (`KvRouterConfig`).

@@ -10,6 +10,7 @@
 pub mod args;
 pub mod env;
 mod resolve;
+pub mod runtime;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -85,6 +86,19 @@ impl Command {
             Command::Serve(a) => Some(&a.frontend.runtime),
             Command::Call(a) => Some(&a.runtime),
             Command::Engine(a) => Some(&a.runtime),
+            Command::Sim(_) | Command::SynthTrace(_) | Command::Bench(_) => None,
+        }
+    }
+
+    fn runtime_mut(&mut self) -> Option<&mut RuntimeArgs> {
+        match self {
+            Command::Frontend(a) => Some(&mut a.runtime),
+            Command::Router(a) => Some(&mut a.runtime),
+            Command::GlobalRouter(a) => Some(&mut a.runtime),
+            Command::Mocker(a) => Some(&mut a.runtime),
+            Command::Serve(a) => Some(&mut a.frontend.runtime),
+            Command::Call(a) => Some(&mut a.runtime),
+            Command::Engine(a) => Some(&mut a.runtime),
             Command::Sim(_) | Command::SynthTrace(_) | Command::Bench(_) => None,
         }
     }
@@ -496,10 +510,11 @@ where
         let def = cmd_for_sources(name);
         sources = arg_sources(sub, &def, &argv[i + 1..], &from_env);
     }
-    Ok(Parsed {
-        command: cli.command,
-        sources,
-    })
+    let mut command = cli.command;
+    if let Some(r) = command.runtime_mut() {
+        r.env = runtime::RuntimeEnv::from_source(env);
+    }
+    Ok(Parsed { command, sources })
 }
 
 /// Flags standing for the set environment variables of `sub`'s arguments.

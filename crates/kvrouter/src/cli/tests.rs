@@ -1279,3 +1279,46 @@ fn global_router_config_violations_are_all_reported() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn settings_only_the_environment_gives_come_from_the_injected_environment() {
+    use kvrouter_runtime::connect::{EventPlaneKind, StoreConfig};
+    let e = env(&[
+        (
+            "ETCD_ENDPOINTS",
+            "http://10.0.0.1:2379, http://10.0.0.2:2379",
+        ),
+        ("NATS_SERVER", "nats://10.0.0.3:4222"),
+        ("DYN_TCP_ADVERTISE_HOST", "10.0.0.9"),
+        ("DYN_SYSTEM_PORT", "9090"),
+    ]);
+    let parsed = parse(
+        vec!["kvrouter", "router", "--endpoint", "ns.backend.generate"],
+        &e,
+    )
+    .unwrap();
+    let r = parsed.command.runtime().unwrap();
+    assert_eq!(r.env.system_port.as_deref(), Some("9090"));
+    let cfg = r.node_config("0.0.0.0").unwrap();
+    assert_eq!(
+        cfg.store,
+        StoreConfig::Etcd(vec![
+            "http://10.0.0.1:2379".into(),
+            "http://10.0.0.2:2379".into()
+        ])
+    );
+    assert_eq!(cfg.nats_url, "nats://10.0.0.3:4222");
+    assert_eq!(cfg.advertise_host.as_deref(), Some("10.0.0.9"));
+    assert_eq!(cfg.events, EventPlaneKind::Nats);
+    // Nothing set: the reference defaults.
+    let parsed = parse(vec!["kvrouter", "mocker", "--store-kv", "file"], &env(&[])).unwrap();
+    let cfg = parsed
+        .command
+        .runtime()
+        .unwrap()
+        .node_config("0.0.0.0")
+        .unwrap();
+    assert_eq!(cfg.nats_url, "nats://localhost:4222");
+    assert!(matches!(cfg.store, StoreConfig::File(..)));
+    assert_eq!(cfg.advertise_host, None);
+}
