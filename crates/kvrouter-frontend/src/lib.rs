@@ -12,9 +12,9 @@
 //! - [`server`]: the HTTP server under the routes: connection limit, header
 //!   and body timeouts, size limits, OpenAI error JSON for the framework's own
 //!   errors, and the two-stage graceful shutdown.
-//! - [`serve`]: a frontend over any runtime or over external engines, and the
-//!   embedded all-in-one deployment (`kvrouter serve`); [`standin`]: a mock
-//!   worker dressed as a vLLM server (`kvrouter mocker --openai-port`).
+//! - [`serve`]: a frontend over any runtime or over external engines. The
+//!   compositions with mock workers (the embedded `kvrouter serve`, the
+//!   stand-in vLLM) live in `kvrouter-serve`, so this crate knows no mocker.
 
 pub mod app;
 pub mod error;
@@ -23,11 +23,10 @@ pub mod openai;
 pub(crate) mod passthrough;
 pub mod serve;
 pub mod server;
-pub mod standin;
 pub mod stop;
 pub(crate) mod token_cache;
 pub mod tokenizer;
 
 pub use app::{Backend, EngineFacade, Frontend, HttpOptions, app};
-pub use serve::{Embedded, EmbeddedConfig, FrontendHandle, RoutingConfig, start_frontend};
+pub use serve::{FrontendHandle, RoutingConfig, start_frontend};
 pub use tokenizer::Preprocessor;

@@ -16,17 +16,16 @@ use anyhow::{Context, bail};
 use kvrouter_core::busy::LoadThresholds;
 use kvrouter_core::{KvRouterConfig, RouterMode};
 use kvrouter_frontend::serve::{
-    DEFAULT_ENGINE_BLOCK_SIZE, Embedded, EmbeddedConfig, RoutingConfig, start_engine_frontend,
-    start_frontend,
+    DEFAULT_ENGINE_BLOCK_SIZE, RoutingConfig, start_engine_frontend, start_frontend,
 };
 use kvrouter_frontend::server::HttpLimits;
-use kvrouter_frontend::standin::StandIn;
 use kvrouter_frontend::{HttpOptions, Preprocessor};
 use kvrouter_mocker::service::{self, WorkerConfig};
 use kvrouter_mocker::vllm::ZmqEventsConfig;
 use kvrouter_router::engines::EnginePoolConfig;
 use kvrouter_runtime::endpoint::{EndpointId, WorkerMetadata};
 use kvrouter_runtime::node::{Node, new_instance_id};
+use kvrouter_serve::{Embedded, EmbeddedConfig, StandIn};
 use tokio::net::TcpListener;
 
 use crate::cli::args::{EndpointType, HttpArgs, ModelArgs, RuntimeArgs};

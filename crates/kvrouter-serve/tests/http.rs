@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use kvrouter_core::busy::LoadThresholds;
 use kvrouter_core::{KvRouterConfig, RouterMode};
-use kvrouter_frontend::serve::{Embedded, EmbeddedConfig, RoutingConfig};
+use kvrouter_frontend::serve::RoutingConfig;
 use kvrouter_frontend::{HttpOptions, Preprocessor};
 use kvrouter_mocker::engine::EngineConfig;
+use kvrouter_serve::{Embedded, EmbeddedConfig};
 use serde_json::{Value, json};
 
 struct Setup {

@@ -17,10 +17,10 @@ use kvrouter_runtime::endpoint::EndpointId;
 use kvrouter_runtime::node::{Node, new_instance_id};
 use tokio::net::TcpListener;
 
-use crate::app::{EngineFacade, HttpOptions};
-use crate::serve::{FrontendHandle, RoutingConfig, start_frontend};
-use crate::server::HttpLimits;
-use crate::tokenizer::Preprocessor;
+use kvrouter_frontend::app::{EngineFacade, HttpOptions};
+use kvrouter_frontend::serve::{FrontendHandle, RoutingConfig, start_frontend};
+use kvrouter_frontend::server::HttpLimits;
+use kvrouter_frontend::tokenizer::Preprocessor;
 
 /// A running stand-in engine; dropping it stops the worker (its sockets close).
 pub struct StandIn {
