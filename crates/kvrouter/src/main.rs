@@ -20,11 +20,13 @@ fn main() -> ExitCode {
     let parsed = match cli::parse(std::env::args_os(), &cli::env::ProcessEnv) {
         Ok(p) => p,
         Err(e) => {
-            if e.to_stdout {
-                print!("{}", e.message);
+            // `--help | head` closes the pipe early: that is not an error.
+            use std::io::Write;
+            let _ = if e.to_stdout {
+                std::io::stdout().write_all(e.message.as_bytes())
             } else {
-                eprint!("{}", e.message);
-            }
+                std::io::stderr().write_all(e.message.as_bytes())
+            };
             return ExitCode::from(e.code);
         }
     };

@@ -335,3 +335,21 @@ fn synth_trace_feeds_sim_and_every_peer_policy_runs() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn help_into_a_closed_pipe_exits_cleanly() {
+    // As `kvrouter serve --help | head -1` does once head has its line.
+    for _ in 0..5 {
+        let mut child = kvrouter()
+            .args(["serve", "--help"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+    }
+}
