@@ -230,6 +230,12 @@ impl Preprocessor {
         self.cache.hits().clone()
     }
 
+    /// The same, with a context length set by the operator (`--context-length`).
+    pub fn with_context_length(mut self, tokens: u32) -> Self {
+        self.context_length = tokens;
+        self
+    }
+
     /// The model's context length in tokens.
     pub fn context_length(&self) -> u32 {
         self.context_length

@@ -70,7 +70,10 @@ fn preprocessor(model: &ModelArgs, template: Option<&Path>) -> anyhow::Result<Ar
         (None, Some(t)) => Preprocessor::builtin_with_template(t)?,
         (None, None) => Preprocessor::builtin(),
     };
-    Ok(Arc::new(pre))
+    Ok(Arc::new(match model.context_length {
+        Some(n) => pre.with_context_length(n),
+        None => pre,
+    }))
 }
 
 fn http_options(types: &[EndpointType], http: &HttpArgs) -> HttpOptions {

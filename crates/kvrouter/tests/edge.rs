@@ -490,3 +490,26 @@ async fn what_kvrouter_cannot_honour_is_refused_by_name() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn context_length_sets_the_longest_prompt_served() {
+    let (mut child, url) = serve(&["--context-length", "64"]).await;
+    let client = reqwest::Client::new();
+    let send = |words: usize| {
+        let body = json!({"model": "mock-model", "max_tokens": 4,
+                          "prompt": vec!["word"; words].join(" ")});
+        client
+            .post(format!("{url}/v1/completions"))
+            .json(&body)
+            .send()
+    };
+    // Well inside 64 tokens, then well past them.
+    let r = send(10).await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let r = send(200).await.unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -356,6 +356,11 @@ pub struct ModelArgs {
     /// Directory with tokenizer.json (and tokenizer_config.json).
     #[arg(long, value_name = "DIR", help_heading = "Model")]
     pub model_path: Option<PathBuf>,
+    /// Longest prompt plus output, in tokens; longer prompts get 400
+    /// `context_length_exceeded` [default: the tokenizer's `model_max_length`,
+    /// else 32768].
+    #[arg(long, value_name = "TOKENS", help_heading = "Model")]
+    pub context_length: Option<u32>,
 }
 
 /// How the frontend routes.

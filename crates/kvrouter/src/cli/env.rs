@@ -176,6 +176,7 @@ pub const ENV: &[EnvVar] = &[
     value("kv_cache_block_size", &["DYN_KV_CACHE_BLOCK_SIZE"]),
     value("model_name", &["DYN_MODEL_NAME"]),
     value("model_path", &["DYN_MODEL_PATH"]),
+    value("context_length", &["DYN_CONTEXT_LENGTH"]),
     value("migration_limit", &["DYN_MIGRATION_LIMIT"]),
     switch("enforce_disagg", &["DYN_ENFORCE_DISAGG"], None),
     // Standalone router.

@@ -336,6 +336,7 @@ impl Parsed {
                 put(json!(a.standin));
                 engine_problems(sub, &a.engine, &mut p);
                 must_exist(sub, "model_path", a.model.model_path.as_deref(), &mut p);
+                context_problems(sub, &a.model, &mut p);
                 if !valid_endpoint(&a.endpoint) {
                     p.push(Problem {
                         flags: vec![flag(sub, "endpoint")],
@@ -652,6 +653,19 @@ impl Parsed {
 }
 
 /// Checks and settings shared by `frontend` and `serve` (which runs a frontend).
+fn context_problems(sub: &str, m: &super::args::ModelArgs, p: &mut Vec<Problem>) {
+    if let Some(n) = m.context_length
+        && n < 2
+    {
+        p.push(Problem {
+            flags: vec![flag(sub, "context_length")],
+            message: format!(
+                "must be at least 2 tokens (a prompt token and an output token), got {n}"
+            ),
+        });
+    }
+}
+
 fn frontend_settings(
     sub: &str,
     a: &super::FrontendArgs,
@@ -661,6 +675,7 @@ fn frontend_settings(
     runtime_problems(sub, &a.runtime, p);
     engine_set_problems(sub, a, explicit, p);
     must_exist(sub, "model_path", a.model.model_path.as_deref(), p);
+    context_problems(sub, &a.model, p);
     if a.routing.migration_limit > 0 && !a.engines.engines.is_empty() {
         p.push(Problem {
             flags: vec![flag(sub, "migration_limit"), flag(sub, "engines")],

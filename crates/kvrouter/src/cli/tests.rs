@@ -189,6 +189,20 @@ fn flag_rows() -> Vec<(
             json!("prefill.router.generate"),
         ),
         (
+            "context_length",
+            "frontend",
+            vec!["--context-length", "131072"],
+            "context_length",
+            json!(131072),
+        ),
+        (
+            "context_length",
+            "mocker",
+            vec!["--context-length", "4096"],
+            "context_length",
+            json!(4096),
+        ),
+        (
             "graceful_shutdown_timeout",
             "router",
             vec!["--graceful-shutdown-timeout", "4"],
