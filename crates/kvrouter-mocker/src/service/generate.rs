@@ -199,7 +199,8 @@ impl Handler for Ranks {
             };
             let generated = t.generated as u32;
             let eos = !g.ignore_eos
-                && generated > g.min_tokens
+                // Never the first token: an answer is never empty.
+                && generated > g.min_tokens.max(1)
                 && g.rng.random::<f64>() < g.eos_probability;
             let finish = if eos {
                 Some(FinishReason::Eos)

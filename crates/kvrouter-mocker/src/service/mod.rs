@@ -11,9 +11,11 @@
 //!
 //! Generated tokens are pseudo-random ids in the tokenizer's ordinary range,
 //! seeded by the request's `seed` (or its id), so a seeded request always gets
-//! the same text. Unless `ignore_eos` is set, each token after `min_tokens`
-//! ends the request with probability `eos_probability` (finish reason `eos`);
-//! otherwise `max_tokens` (default [`DEFAULT_MAX_TOKENS`]) ends it (`length`).
+//! the same text. The output-length model: unless `ignore_eos` is set, each
+//! token after `min_tokens` — never the first, so no answer is empty — ends
+//! the request with probability `eos_probability` (finish reason `eos`; the
+//! binary uses 1/200, a mean of about 200 tokens); otherwise `max_tokens`
+//! (default [`DEFAULT_MAX_TOKENS`]) ends it (`length`).
 //! The request handler is in [`generate`]; recovery queries in [`crate::query`].
 
 use std::collections::HashMap;
