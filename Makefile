@@ -5,7 +5,7 @@ export PATH := $(PATH):/usr/sbin
 CARGO  ?= cargo
 OUT    := out
 
-.PHONY: run sim bench-policies bench-http bench-engines index test lint unit interop faults bench-build bench-index fuzz deps clean
+.PHONY: run sim bench-policies bench-http bench-engines index test lint unit interop faults deploy-check bench-build bench-index fuzz deps clean
 
 ## The main job: the OpenAI API with KV-aware routing over 4 mock workers, all in
 ## one process (in-memory discovery and events) on http://127.0.0.1:8000. Ctrl-C stops it.
@@ -65,9 +65,10 @@ $(OUT)/conv.kvops:
 	mkdir -p $(OUT)
 	python3 $(SHARED)/tools/kv-ops-gen $(SHARED)/data/mooncake_conversation_trace.jsonl -o $@
 
-## Everything CI checks: formatting, lints (warnings are errors), all tests, and the
-## interop tests against the engines' own KV-event publishers.
-test: deps lint unit interop faults
+## Everything CI checks: formatting, lints (warnings are errors), all tests, the
+## interop tests against the engines' own KV-event publishers, the fault suite and
+## the deployment manifests.
+test: deps lint unit interop faults deploy-check
 
 deps:
 	@./scripts/install-deps.sh
@@ -90,6 +91,15 @@ interop:
 ## (bounded: about a minute; ignored by a plain `cargo test`).
 faults:
 	$(CARGO) test -p kvrouter --test faults -- --ignored --nocapture
+
+## The Kubernetes manifests, without a cluster: schemas (kubernetes-validate from the
+## Python registry, installed once into out/), and every kvrouter container's flags
+## and environment run through `kvrouter … --check-config`.
+deploy-check:
+	[ -x $(OUT)/deploy-venv/bin/kubernetes-validate ] || { python3 -m venv $(OUT)/deploy-venv && \
+	  $(OUT)/deploy-venv/bin/pip install -q --disable-pip-version-check kubernetes-validate==1.37.0; }
+	$(CARGO) build -p kvrouter
+	$(OUT)/deploy-venv/bin/python tools/check_deploy.py target/debug/kvrouter $(OUT)/deploy-venv/bin/kubernetes-validate
 
 ## Compile (not run) the criterion benchmarks.
 bench-build:
