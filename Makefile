@@ -94,12 +94,14 @@ faults:
 
 ## The Kubernetes manifests, without a cluster: schemas (kubernetes-validate from the
 ## Python registry, installed once into out/), and every kvrouter container's flags
-## and environment run through `kvrouter … --check-config`.
+## and environment run through `kvrouter … --check-config`; and every metric the
+## Grafana dashboard queries, scraped from a running `serve`.
 deploy-check:
 	[ -x $(OUT)/deploy-venv/bin/kubernetes-validate ] || { python3 -m venv $(OUT)/deploy-venv && \
 	  $(OUT)/deploy-venv/bin/pip install -q --disable-pip-version-check kubernetes-validate==1.37.0; }
 	$(CARGO) build -p kvrouter
 	$(OUT)/deploy-venv/bin/python tools/check_deploy.py target/debug/kvrouter $(OUT)/deploy-venv/bin/kubernetes-validate
+	python3 tools/check_dashboard.py target/debug/kvrouter
 
 ## Compile (not run) the criterion benchmarks.
 bench-build:

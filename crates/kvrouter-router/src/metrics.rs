@@ -204,6 +204,27 @@ impl RouterMetrics {
                 "Requests held in the router queue while every worker is saturated",
             )?,
         };
+        // Every known series exists from the start at 0, so dashboards and
+        // alerts see a flat line rather than no data until the first event.
+        for reason in [
+            "decode",
+            "load",
+            "active_sequences",
+            "unknown_worker",
+            "stale",
+            "recovery_overflow",
+        ] {
+            m.events_rejected.with_label_values(&[reason]);
+        }
+        for kind in ["stored", "removed", "cleared"] {
+            m.events_applied.with_label_values(&[kind, "ok"]);
+        }
+        for t in ["new_request", "ongoing_request"] {
+            m.migrations.with_label_values(&[t]);
+        }
+        for r in ["events", "dump", "failed"] {
+            m.recoveries.with_label_values(&[r]);
+        }
         registry.register(Box::new(m.block_hashing_ms.clone()))?;
         registry.register(Box::new(m.find_matches_ms.clone()))?;
         registry.register(Box::new(m.seq_hashing_ms.clone()))?;
