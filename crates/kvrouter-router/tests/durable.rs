@@ -6,18 +6,18 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvrouter_core::busy::LoadThresholds;
 use kvrouter_core::llm::{PreprocessedRequest, StopConditions};
-use kvrouter_core::{KvRouterConfig, RouterMode, WorkerKey};
+use kvrouter_core::{KvRouterConfig, WorkerKey};
 use kvrouter_mocker::engine::EngineConfig;
 use kvrouter_mocker::service::{self, WorkerConfig};
-use kvrouter_router::{KvRouter, RouterMetrics, WorkerPool};
+use kvrouter_router::WorkerPool;
 use kvrouter_runtime::discovery::MemDiscovery;
 use kvrouter_runtime::endpoint::EndpointId;
 use kvrouter_runtime::events::{NatsEvents, open_kv_stream};
 use kvrouter_runtime::node::{Node, Plane};
 use kvrouter_runtime::testing::NatsServer;
-use tokio_util::sync::CancellationToken;
+
+mod common;
 
 async fn router(node: &Node, endpoint: &EndpointId, reset: bool) -> Arc<WorkerPool> {
     let cfg = KvRouterConfig {
@@ -26,18 +26,7 @@ async fn router(node: &Node, endpoint: &EndpointId, reset: bool) -> Arc<WorkerPo
         router_reset_states: reset,
         ..KvRouterConfig::default()
     };
-    let r = KvRouter::new(
-        RouterMode::Kv,
-        cfg,
-        64,
-        LoadThresholds::default(),
-        RouterMetrics::unregistered(),
-    );
-    let pool = WorkerPool::start(node.clone(), endpoint.clone(), r, CancellationToken::new())
-        .await
-        .unwrap();
-    assert!(pool.wait_for_workers(2, Duration::from_secs(5)).await);
-    pool
+    common::pool(node, endpoint, cfg, 2).await
 }
 
 fn prompt(conversation: u32, turn: u32) -> Vec<u32> {

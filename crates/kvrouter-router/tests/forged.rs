@@ -5,16 +5,15 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kvrouter_core::busy::LoadThresholds;
 use kvrouter_core::protocols::{
     KvCacheEvent, KvCacheEventData, KvCacheStoreData, KvCacheStoredBlockData, RouterEvent,
 };
-use kvrouter_core::{ExternalSequenceBlockHash, KvRouterConfig, LocalBlockHash, RouterMode};
+use kvrouter_core::{ExternalSequenceBlockHash, KvRouterConfig, LocalBlockHash};
 use kvrouter_mocker::service::{self, WorkerConfig};
-use kvrouter_router::{KvRouter, RouterMetrics, WorkerPool};
 use kvrouter_runtime::endpoint::EndpointId;
 use kvrouter_runtime::node::Node;
-use tokio_util::sync::CancellationToken;
+
+mod common;
 
 fn stored(worker: u64, id: u64) -> Bytes {
     let ev = RouterEvent::new(
@@ -42,22 +41,7 @@ async fn events_of_unannounced_workers_never_reach_the_index() {
     let _w = service::start(&node, &endpoint, 7, WorkerConfig::default())
         .await
         .unwrap();
-    let router = KvRouter::new(
-        RouterMode::Kv,
-        KvRouterConfig::default(),
-        64,
-        LoadThresholds::default(),
-        RouterMetrics::unregistered(),
-    );
-    let pool = WorkerPool::start(
-        node.clone(),
-        endpoint.clone(),
-        router,
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap();
-    assert!(pool.wait_for_workers(1, Duration::from_secs(5)).await);
+    let pool = common::pool(&node, &endpoint, KvRouterConfig::default(), 1).await;
     let subject = kvrouter_runtime::subjects::kv_events(&endpoint);
     // A flood for a phantom worker, and one event for the real one.
     let flood = 5000u64;

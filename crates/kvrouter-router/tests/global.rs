@@ -2,21 +2,18 @@
 //! standalone router over its own mock worker; requests land in the pool the
 //! grid names, and the pool's answer streams back through the global router.
 
-use std::time::Duration;
-
 use bytes::Bytes;
-use kvrouter_core::busy::LoadThresholds;
+use kvrouter_core::KvRouterConfig;
 use kvrouter_core::llm::{LlmEngineOutput, PreprocessedRequest, StopConditions};
-use kvrouter_core::{KvRouterConfig, RouterMode};
 use kvrouter_mocker::engine::EngineConfig;
 use kvrouter_mocker::service::{self, MockWorker, WorkerConfig};
 use kvrouter_router::global::{GlobalRouter, GlobalRouterConfig, PoolConfig};
 use kvrouter_router::standalone::StandaloneRouter;
-use kvrouter_router::{KvRouter, RouterMetrics, WorkerPool};
 use kvrouter_runtime::endpoint::EndpointId;
 use kvrouter_runtime::node::Node;
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
+
+mod common;
 
 async fn pool(node: &Node, ns: &str, id: u64) -> (MockWorker, StandaloneRouter) {
     let endpoint: EndpointId = format!("{ns}.backend.generate").parse().unwrap();
@@ -28,17 +25,7 @@ async fn pool(node: &Node, ns: &str, id: u64) -> (MockWorker, StandaloneRouter) 
         ..WorkerConfig::default()
     };
     let worker = service::start(node, &endpoint, id, cfg).await.unwrap();
-    let router = KvRouter::new(
-        RouterMode::Kv,
-        KvRouterConfig::default(),
-        64,
-        LoadThresholds::default(),
-        RouterMetrics::unregistered(),
-    );
-    let p = WorkerPool::start(node.clone(), endpoint, router, CancellationToken::new())
-        .await
-        .unwrap();
-    assert!(p.wait_for_workers(1, Duration::from_secs(5)).await);
+    let p = common::pool(node, &endpoint, KvRouterConfig::default(), 1).await;
     let service = StandaloneRouter::start(node, ns, id + 100, p)
         .await
         .unwrap();

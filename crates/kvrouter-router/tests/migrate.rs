@@ -6,15 +6,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kvrouter_core::busy::LoadThresholds;
+use kvrouter_core::KvRouterConfig;
 use kvrouter_core::llm::{PreprocessedRequest, StopConditions};
-use kvrouter_core::{KvRouterConfig, RouterMode};
 use kvrouter_mocker::engine::EngineConfig;
 use kvrouter_mocker::service::{self, MockWorker, WorkerConfig};
-use kvrouter_router::{KvRouter, RouterMetrics, WorkerPool};
+use kvrouter_router::WorkerPool;
 use kvrouter_runtime::endpoint::EndpointId;
 use kvrouter_runtime::node::Node;
-use tokio_util::sync::CancellationToken;
+
+mod common;
 
 const MAX_TOKENS: u32 = 60;
 const PROMPT: usize = 300;
@@ -38,20 +38,13 @@ async fn setup(workers: u64, limit: u32) -> (Vec<MockWorker>, Arc<WorkerPool>) {
                 .unwrap(),
         );
     }
-    let router = KvRouter::new(
-        RouterMode::Kv,
+    let pool = common::pool(
+        &node,
+        &endpoint,
         KvRouterConfig::default(),
-        64,
-        LoadThresholds::default(),
-        RouterMetrics::unregistered(),
-    );
-    let pool = WorkerPool::start(node, endpoint, router, CancellationToken::new())
-        .await
-        .unwrap();
-    assert!(
-        pool.wait_for_workers(workers as usize, Duration::from_secs(5))
-            .await
-    );
+        workers as usize,
+    )
+    .await;
     pool.set_migration_limit(limit);
     (ws, pool)
 }

@@ -11,35 +11,24 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
-use kvrouter_core::busy::LoadThresholds;
 use kvrouter_core::index::RadixIndex;
 use kvrouter_core::llm::{PreprocessedRequest, StopConditions};
-use kvrouter_core::{KvRouterConfig, RouterMode, WorkerKey};
+use kvrouter_core::{KvRouterConfig, WorkerKey};
 use kvrouter_mocker::engine::EngineConfig;
 use kvrouter_mocker::service::{self, MockWorker, WorkerConfig};
-use kvrouter_router::{KvRouter, RouterMetrics, WorkerPool};
+use kvrouter_router::WorkerPool;
 use kvrouter_runtime::discovery::{Discovery, MemDiscovery};
 use kvrouter_runtime::endpoint::EndpointId;
 use kvrouter_runtime::events::{EventError, EventPlane, InProcEvents, NatsEvents, Subscription};
 use kvrouter_runtime::node::{Node, Plane};
 use kvrouter_runtime::testing::NatsServer;
-use tokio_util::sync::CancellationToken;
 
-const BLOCK: usize = 64;
+mod common;
+
+const BLOCK: usize = common::BLOCK as usize;
 
 async fn router(node: &Node, endpoint: &EndpointId) -> Arc<WorkerPool> {
-    let r = KvRouter::new(
-        RouterMode::Kv,
-        KvRouterConfig::default(),
-        BLOCK as u32,
-        LoadThresholds::default(),
-        RouterMetrics::unregistered(),
-    );
-    let pool = WorkerPool::start(node.clone(), endpoint.clone(), r, CancellationToken::new())
-        .await
-        .unwrap();
-    assert!(pool.wait_for_workers(2, Duration::from_secs(5)).await);
-    pool
+    common::pool(node, endpoint, KvRouterConfig::default(), 2).await
 }
 
 async fn workers(node: &Node, endpoint: &EndpointId) -> Vec<MockWorker> {

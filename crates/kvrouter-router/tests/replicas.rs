@@ -4,37 +4,21 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvrouter_core::busy::LoadThresholds;
+use kvrouter_core::KvRouterConfig;
 use kvrouter_core::llm::{PreprocessedRequest, StopConditions};
-use kvrouter_core::{KvRouterConfig, RouterMode};
 use kvrouter_mocker::service::{self, WorkerConfig};
-use kvrouter_router::{KvRouter, RouteQuery, RouterMetrics, WorkerPool};
+use kvrouter_router::{RouteQuery, WorkerPool};
 use kvrouter_runtime::endpoint::EndpointId;
 use kvrouter_runtime::node::Node;
-use tokio_util::sync::CancellationToken;
+
+mod common;
 
 async fn replica(node: &Node, endpoint: &EndpointId, sync: bool) -> Arc<WorkerPool> {
     let cfg = KvRouterConfig {
         router_replica_sync: sync,
         ..KvRouterConfig::default()
     };
-    let router = KvRouter::new(
-        RouterMode::Kv,
-        cfg,
-        64,
-        LoadThresholds::default(),
-        RouterMetrics::unregistered(),
-    );
-    let pool = WorkerPool::start(
-        node.clone(),
-        endpoint.clone(),
-        router,
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap();
-    assert!(pool.wait_for_workers(2, Duration::from_secs(5)).await);
-    pool
+    common::pool(node, endpoint, cfg, 2).await
 }
 
 async fn until(what: &str, f: impl Fn() -> bool) {

@@ -157,8 +157,51 @@ fn streaming_clients(
     (results, clients)
 }
 
+/// Waits for three routable workers, then runs eight streaming clients
+/// (`tokens`-token answers) for 4.5 s; returns 1.5 s in, when the fault goes in.
+async fn load_with_fault_at_1_5s(
+    client: &reqwest::Client,
+    url: &str,
+    tokens: u32,
+) -> (Results, Vec<tokio::task::JoinHandle<()>>) {
+    until_workers(client, url, 3, Duration::from_secs(20)).await;
+    let running = streaming_clients(
+        client,
+        url,
+        Instant::now() + Duration::from_millis(4500),
+        tokens,
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    running
+}
+
+/// Waits for the clients to stop; every request's start and end.
+async fn ends(running: (Results, Vec<tokio::task::JoinHandle<()>>)) -> Vec<(Instant, End)> {
+    for c in running.1 {
+        c.await.unwrap();
+    }
+    running.0.lock().clone()
+}
+
+/// `kill -9` of fleet process `i`.
+fn kill(f: &mut Fleet, i: usize) {
+    f.children[i].kill().unwrap();
+    f.children[i].wait().unwrap();
+}
+
 fn count(results: &[(Instant, End)], end: End) -> usize {
     results.iter().filter(|r| r.1 == end).count()
+}
+
+fn summary(results: &[(Instant, End)]) -> String {
+    format!(
+        "{} requests, {} done, {} errors, {} cut, {} hung",
+        results.len(),
+        count(results, End::Done),
+        count(results, End::Error),
+        count(results, End::Cut),
+        count(results, End::Hung),
+    )
 }
 
 #[test]
@@ -168,31 +211,31 @@ fn a_worker_killed_under_streaming_load_hangs_nothing_and_leaves_routing_at_once
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let client = reqwest::Client::new();
-        until_workers(&client, &url, 3, Duration::from_secs(20)).await;
-        // The victim dies 1.5 s in.
-        let (results, clients) =
-            streaming_clients(&client, &url, Instant::now() + Duration::from_millis(4500), 30);
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let running = load_with_fault_at_1_5s(&client, &url, 30).await;
         let killed_at = Instant::now();
-        f.children[0].kill().unwrap(); // SIGKILL
-        f.children[0].wait().unwrap();
-        for c in clients {
-            c.await.unwrap();
-        }
-        let results = results.lock().clone();
-        let after: Vec<End> = results.iter().filter(|(t, _)| *t > killed_at).map(|r| r.1).collect();
+        kill(&mut f, 0);
+        let results = ends(running).await;
+        let after: Vec<End> = results
+            .iter()
+            .filter(|(t, _)| *t > killed_at)
+            .map(|r| r.1)
+            .collect();
         println!(
-            "worker kill -9: {} requests, {} started after the kill, {} done, {} errors, {} cut, {} hung",
-            results.len(),
-            after.len(),
-            count(&results, End::Done),
-            count(&results, End::Error),
-            count(&results, End::Cut),
-            count(&results, End::Hung),
+            "worker kill -9: {}; {} started after the kill",
+            summary(&results),
+            after.len()
         );
         assert_eq!(count(&results, End::Hung), 0, "hung requests: {results:?}");
-        assert_eq!(count(&results, End::Cut), 0, "streams cut without an error event");
-        assert!(after.len() >= 20, "too few requests after the kill: {}", after.len());
+        assert_eq!(
+            count(&results, End::Cut),
+            0,
+            "streams cut without an error event"
+        );
+        assert!(
+            after.len() >= 20,
+            "too few requests after the kill: {}",
+            after.len()
+        );
         // Retried before their first byte, away from the dead worker: every one served.
         assert!(
             after.iter().all(|e| *e == End::Done),
@@ -208,18 +251,16 @@ fn a_worker_stopped_with_sigterm_leaves_discovery_first_and_finishes_its_streams
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let client = reqwest::Client::new();
-        until_workers(&client, &url, 3, Duration::from_secs(20)).await;
-        let (results, clients) =
-            streaming_clients(&client, &url, Instant::now() + Duration::from_millis(4500), 30);
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let running = load_with_fault_at_1_5s(&client, &url, 30).await;
         let pid = f.children[0].id().to_string();
-        let stopped = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let stopped = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
         assert!(stopped.success());
         // Out of routing at once, not when its lease would expire (10 s).
         let left = until_workers(&client, &url, 2, Duration::from_secs(3)).await;
-        for c in clients {
-            c.await.unwrap();
-        }
+        let results = ends(running).await;
         let exit = tokio::task::spawn_blocking(move || {
             let t0 = Instant::now();
             let status = f.children[0].wait().unwrap();
@@ -227,14 +268,9 @@ fn a_worker_stopped_with_sigterm_leaves_discovery_first_and_finishes_its_streams
         })
         .await
         .unwrap();
-        let results = results.lock().clone();
         println!(
-            "worker SIGTERM: out of routing after {left:?}; {} requests, {} done, {} errors, {} cut, {} hung; exit {:?}",
-            results.len(),
-            count(&results, End::Done),
-            count(&results, End::Error),
-            count(&results, End::Cut),
-            count(&results, End::Hung),
+            "worker SIGTERM: out of routing after {left:?}; {}; exit {:?}",
+            summary(&results),
             exit.0,
         );
         assert!(exit.0.success(), "a graceful stop exits 0: {:?}", exit.0);
@@ -289,33 +325,36 @@ fn with_migration_a_worker_killed_mid_stream_costs_no_stream() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let client = reqwest::Client::new();
-        until_workers(&client, &url, 3, Duration::from_secs(20)).await;
-        let (results, clients) =
-            // Long answers (about a second each): the victim is mid-stream when it dies.
-            streaming_clients(&client, &url, Instant::now() + Duration::from_millis(4500), 600);
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        f.children[0].kill().unwrap(); // SIGKILL, streams in flight on it
-        f.children[0].wait().unwrap();
-        for c in clients {
-            c.await.unwrap();
-        }
-        let m = client.get(format!("{url}/metrics")).send().await.unwrap().text().await.unwrap();
+        // Long answers (about a second each): the victim is mid-stream when it dies.
+        let running = load_with_fault_at_1_5s(&client, &url, 600).await;
+        kill(&mut f, 0);
+        let results = ends(running).await;
+        let m = client
+            .get(format!("{url}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
         let moved = m
             .lines()
-            .find(|l| l.starts_with("dynamo_frontend_model_migration_total{migration_type=\"ongoing_request\"}"))
+            .find(|l| {
+                l.starts_with(
+                    "dynamo_frontend_model_migration_total{migration_type=\"ongoing_request\"}",
+                )
+            })
             .and_then(|l| l.rsplit(' ').next())
             .unwrap_or("0")
             .to_string();
-        let results = results.lock().clone();
         println!(
-            "worker kill -9 with --migration-limit 2: {} requests, {} done, {} errors, {} cut, {} hung; {moved} streams migrated",
-            results.len(),
-            count(&results, End::Done),
-            count(&results, End::Error),
-            count(&results, End::Cut),
-            count(&results, End::Hung),
+            "worker kill -9 with --migration-limit 2: {}; {moved} streams migrated",
+            summary(&results)
         );
-        assert!(moved.parse::<u64>().unwrap_or(0) >= 1, "no stream was in flight on the victim");
+        assert!(
+            moved.parse::<u64>().unwrap_or(0) >= 1,
+            "no stream was in flight on the victim"
+        );
         // The streams in flight on the killed worker moved: every one completed.
         assert_eq!(count(&results, End::Done), results.len(), "{results:?}");
     });
