@@ -85,6 +85,8 @@ pub struct Frontend {
     registry: Registry,
     metrics: FrontendMetrics,
     created: u64,
+    /// When it started, for `dynamo_component_uptime_seconds`.
+    started: std::time::Instant,
     ids: AtomicU64,
     salt: u64,
     /// Disaggregated serving: the prefill pool's router, and whether it is required.
@@ -118,17 +120,25 @@ impl Frontend {
         prefill: Option<(PrefillClient, bool)>,
     ) -> prometheus::Result<Arc<Self>> {
         let metrics = FrontendMetrics::new(&registry)?;
+        let model: String = model.into();
+        metrics
+            .model_context_length
+            .with_label_values(&[model.as_str()])
+            .set(i64::from(pre.context_length()));
+        metrics.output_tokens.with_label_values(&[model.as_str()]);
+        metrics.disconnected.with_label_values(&[model.as_str()]);
         registry.register(Box::new(pre.prompt_cache_hits()))?;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
         Ok(Arc::new(Self {
-            model: model.into(),
+            model,
             pre,
             backend,
             registry,
             metrics,
             created: now.as_secs(),
+            started: std::time::Instant::now(),
             ids: AtomicU64::new(1),
             salt: (now.as_nanos() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
             prefill,
@@ -166,6 +176,11 @@ impl Frontend {
     /// The router.
     pub fn router(&self) -> &Arc<KvRouter> {
         self.backend.router()
+    }
+
+    /// Seconds since the frontend started.
+    pub(crate) fn uptime(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
     }
 
     pub(crate) fn metrics(&self) -> &FrontendMetrics {

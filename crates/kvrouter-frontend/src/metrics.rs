@@ -38,6 +38,16 @@ pub struct FrontendMetrics {
     pub model_block_size: IntGaugeVec,
     /// `dynamo_frontend_model_workers{model}`.
     pub model_workers: IntGaugeVec,
+    /// `dynamo_frontend_model_context_length{model}`.
+    pub model_context_length: IntGaugeVec,
+    /// `dynamo_frontend_output_tokens_total{model}`: tokens streamed to clients.
+    pub output_tokens: IntCounterVec,
+    /// `dynamo_frontend_disconnected_clients{model}`: requests whose answer
+    /// stopped before it was delivered — the client went away (or a request
+    /// timeout or the shutdown grace cut the stream).
+    pub disconnected: IntCounterVec,
+    /// `dynamo_component_uptime_seconds`.
+    pub uptime: prometheus::Gauge,
 }
 
 fn hv(name: &str, help: &str, buckets: Vec<f64>) -> prometheus::Result<HistogramVec> {
@@ -120,6 +130,28 @@ impl FrontendMetrics {
                 "KV block size in tokens",
             )?,
             model_workers: gv("dynamo_frontend_model_workers", "Workers serving the model")?,
+            model_context_length: gv(
+                "dynamo_frontend_model_context_length",
+                "Longest prompt plus output, in tokens",
+            )?,
+            output_tokens: IntCounterVec::new(
+                Opts::new(
+                    "dynamo_frontend_output_tokens_total",
+                    "Tokens streamed to clients",
+                ),
+                &["model"],
+            )?,
+            disconnected: IntCounterVec::new(
+                Opts::new(
+                    "dynamo_frontend_disconnected_clients",
+                    "Requests whose answer stopped before delivery: the client went away, or a timeout or shutdown cut it",
+                ),
+                &["model"],
+            )?,
+            uptime: prometheus::Gauge::new(
+                "dynamo_component_uptime_seconds",
+                "Seconds since this process's frontend started",
+            )?,
         };
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.inflight.clone()))?;
@@ -136,6 +168,10 @@ impl FrontendMetrics {
         registry.register(Box::new(m.model_max_num_batched_tokens.clone()))?;
         registry.register(Box::new(m.model_block_size.clone()))?;
         registry.register(Box::new(m.model_workers.clone()))?;
+        registry.register(Box::new(m.model_context_length.clone()))?;
+        registry.register(Box::new(m.output_tokens.clone()))?;
+        registry.register(Box::new(m.disconnected.clone()))?;
+        registry.register(Box::new(m.uptime.clone()))?;
         Ok(m)
     }
 }

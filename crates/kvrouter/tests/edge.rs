@@ -513,3 +513,68 @@ async fn context_length_sets_the_longest_prompt_served() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_tokens_disconnects_context_length_and_uptime_are_exposed() {
+    let (mut child, url) = serve(&["--context-length", "1000"]).await;
+    let client = reqwest::Client::new();
+    let metric = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1.0)
+    };
+    // One complete answer of 5 tokens.
+    let body = json!({"model": "mock-model", "max_tokens": 5, "ignore_eos": true,
+                      "messages": [{"role": "user", "content": "hi"}]});
+    let r = client
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    r.bytes().await.unwrap();
+    // A long stream the client abandons after its first chunk.
+    let body = json!({"model": "mock-model", "max_tokens": 900, "ignore_eos": true, "stream": true,
+                      "messages": [{"role": "user", "content": "hi"}]});
+    let mut r = client
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    r.chunk().await.unwrap();
+    drop(r);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let text = loop {
+        let text = client
+            .get(format!("{url}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metric(&text, "dynamo_frontend_disconnected_clients{") >= 1.0
+            || Instant::now() > deadline
+        {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        metric(&text, "dynamo_frontend_disconnected_clients{"),
+        1.0,
+        "{text}"
+    );
+    assert!(metric(&text, "dynamo_frontend_output_tokens_total{") >= 5.0);
+    assert_eq!(
+        metric(&text, "dynamo_frontend_model_context_length{"),
+        1000.0
+    );
+    assert!(metric(&text, "dynamo_component_uptime_seconds") > 0.0);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -84,6 +84,7 @@ pub(super) async fn metrics(State(s): State<Arc<Frontend>>) -> Response {
     };
     let m = &s.metrics;
     let model = [s.model.as_str()];
+    m.uptime.set(s.uptime());
     m.model_workers
         .with_label_values(&model)
         .set(metas.len() as i64);

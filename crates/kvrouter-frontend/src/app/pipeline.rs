@@ -349,6 +349,7 @@ impl Tracker {
         }
         self.last = Some(now);
         self.tokens += n as u32;
+        m.output_tokens.with_label_values(&model).inc_by(n as u64);
     }
 }
 

@@ -110,6 +110,7 @@ pub(super) async fn respond(
         last_ids: Vec::new(),
         return_token_ids: job.return_token_ids,
         created: super::unix_now(),
+        delivered: false,
     };
     if job.stream {
         stream_response(run, job.include_usage)
@@ -145,6 +146,21 @@ pub(super) struct Run {
     return_token_ids: bool,
     /// When this response was created (Unix seconds), as OpenAI reports it.
     created: u64,
+    /// The answer (or its error) reached the client's connection.
+    delivered: bool,
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if !self.delivered {
+            // The response was dropped unfinished: the client went away.
+            self.s
+                .metrics
+                .disconnected
+                .with_label_values(&[self.s.model.as_str()])
+                .inc();
+        }
+    }
 }
 
 /// One step of a run.
@@ -273,9 +289,13 @@ pub(super) async fn unary_response(mut run: Run) -> Response {
         match run.step().await {
             Step::Text(t) => text.push_str(&t),
             Step::Finished(r) => break r,
-            Step::Failed(e) => return e.into_response(),
+            Step::Failed(e) => {
+                run.delivered = true;
+                return e.into_response();
+            }
         }
     };
+    run.delivered = true;
     run.finish();
     let choice = match run.kind {
         Kind::Chat => json!({
@@ -353,10 +373,13 @@ pub(super) fn stream_response(run: Run, include_usage: bool) -> Response {
                 v["usage"] = run.usage();
                 Some((vec![event(&v)], (run, Phase::Done, usage)))
             }
-            Phase::Done => Some((
-                vec![Ok(Event::default().data("[DONE]"))],
-                (run, Phase::End, usage),
-            )),
+            Phase::Done => {
+                run.delivered = true;
+                Some((
+                    vec![Ok(Event::default().data("[DONE]"))],
+                    (run, Phase::End, usage),
+                ))
+            }
             Phase::End => None,
         }
     })
