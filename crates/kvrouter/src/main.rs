@@ -11,7 +11,8 @@ mod sim;
 
 use std::process::ExitCode;
 
-use cli::{Command, Parsed};
+use cli::Parsed;
+use cli::plan::Plan;
 
 /// Exit code for invalid flags, variables or combinations.
 const EXIT_USAGE: u8 = 2;
@@ -66,46 +67,19 @@ fn run(parsed: Parsed) -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    let result = match parsed.command {
-        Command::Bench(cmd) => bench::run(cmd),
-        Command::Sim(args) => {
-            let config = resolved
-                .kv_router_config
-                .clone()
-                .expect("sim resolves a router config");
-            sim::run(&args, config)
+    let result = match parsed.into_plan(resolved) {
+        Plan::Bench(cmd) => bench::run(cmd),
+        Plan::Sim(args, kv) => sim::run(&args, kv),
+        Plan::SynthTrace(args) => sim::synth_trace(&args),
+        Plan::Serve(args, kv, th) => services::serve(&args, kv, th).map(|()| ExitCode::SUCCESS),
+        Plan::Frontend(args, kv, th) => {
+            services::frontend(&args, kv, th).map(|()| ExitCode::SUCCESS)
         }
-        Command::SynthTrace(args) => sim::synth_trace(&args),
-        Command::Serve(args) => services::serve(
-            &args,
-            resolved
-                .kv_router_config
-                .clone()
-                .expect("serve resolves a router config"),
-            resolved.thresholds.expect("serve resolves thresholds"),
-        )
-        .map(|()| ExitCode::SUCCESS),
-        Command::Frontend(args) => services::frontend(
-            &args,
-            resolved
-                .kv_router_config
-                .clone()
-                .expect("frontend resolves a router config"),
-            resolved.thresholds.expect("frontend resolves thresholds"),
-        )
-        .map(|()| ExitCode::SUCCESS),
-        Command::Mocker(args) => services::mocker(&args).map(|()| ExitCode::SUCCESS),
-        Command::Router(args) => services::router(
-            &args,
-            resolved
-                .kv_router_config
-                .clone()
-                .expect("router resolves a router config"),
-        )
-        .map(|()| ExitCode::SUCCESS),
-        Command::Call(args) => services::call(&args),
-        Command::Engine(args) => services::engine(&args).map(|()| ExitCode::SUCCESS),
-        Command::GlobalRouter(args) => services::global_router(&args).map(|()| ExitCode::SUCCESS),
+        Plan::Mocker(args) => services::mocker(&args).map(|()| ExitCode::SUCCESS),
+        Plan::Router(args, kv) => services::router(&args, kv).map(|()| ExitCode::SUCCESS),
+        Plan::Call(args) => services::call(&args),
+        Plan::Engine(args) => services::engine(&args).map(|()| ExitCode::SUCCESS),
+        Plan::GlobalRouter(args) => services::global_router(&args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -9,6 +9,7 @@
 
 pub mod args;
 pub mod env;
+pub mod plan;
 mod resolve;
 pub mod runtime;
 

@@ -32,12 +32,20 @@ impl std::fmt::Display for Problem {
 pub struct Resolved {
     /// Subcommand name.
     pub subcommand: &'static str,
-    /// The KV router's configuration (frontend, router, serve).
-    pub kv_router_config: Option<KvRouterConfig>,
+    /// The KV router's configuration (frontend, router, serve, sim); read
+    /// through the typed [`super::plan::Plan`].
+    kv_router_config: Option<KvRouterConfig>,
     /// Busy thresholds (frontend, serve).
-    pub thresholds: Option<LoadThresholds>,
+    thresholds: Option<LoadThresholds>,
     /// Every setting as JSON, keyed like the dump.
     pub settings: Map<String, Value>,
+}
+
+impl Resolved {
+    /// The router settings, for [`Parsed::into_plan`].
+    pub(super) fn into_router_settings(self) -> (Option<KvRouterConfig>, Option<LoadThresholds>) {
+        (self.kv_router_config, self.thresholds)
+    }
 }
 
 /// `KvRouterConfig` field → the argument ids that set it.

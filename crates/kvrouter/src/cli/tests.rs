@@ -1336,3 +1336,36 @@ fn settings_only_the_environment_gives_come_from_the_injected_environment() {
     assert!(matches!(cfg.store, StoreConfig::File(..)));
     assert_eq!(cfg.advertise_host, None);
 }
+
+#[test]
+fn every_service_subcommand_resolves_to_its_typed_plan() {
+    use super::plan::Plan;
+    for sub in [
+        "serve",
+        "frontend",
+        "router",
+        "sim",
+        "mocker",
+        "engine",
+        "global-router",
+        "synth-trace",
+    ] {
+        let mut argv = vec!["kvrouter", sub];
+        argv.extend(base(sub));
+        let parsed = parse(argv, &env(&[])).unwrap();
+        let resolved = parsed.resolve().unwrap_or_else(|p| panic!("{sub}: {p:?}"));
+        let plan = parsed.into_plan(resolved);
+        let matches = match (sub, &plan) {
+            ("serve", Plan::Serve(..))
+            | ("frontend", Plan::Frontend(..))
+            | ("router", Plan::Router(..))
+            | ("sim", Plan::Sim(..))
+            | ("mocker", Plan::Mocker(..))
+            | ("engine", Plan::Engine(..))
+            | ("global-router", Plan::GlobalRouter(..))
+            | ("synth-trace", Plan::SynthTrace(..)) => true,
+            _ => false,
+        };
+        assert!(matches, "{sub} planned as {plan:?}");
+    }
+}
