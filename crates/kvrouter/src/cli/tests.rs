@@ -1355,17 +1355,17 @@ fn every_service_subcommand_resolves_to_its_typed_plan() {
         let parsed = parse(argv, &env(&[])).unwrap();
         let resolved = parsed.resolve().unwrap_or_else(|p| panic!("{sub}: {p:?}"));
         let plan = parsed.into_plan(resolved);
-        let matches = match (sub, &plan) {
+        let matches = matches!(
+            (sub, &plan),
             ("serve", Plan::Serve(..))
-            | ("frontend", Plan::Frontend(..))
-            | ("router", Plan::Router(..))
-            | ("sim", Plan::Sim(..))
-            | ("mocker", Plan::Mocker(..))
-            | ("engine", Plan::Engine(..))
-            | ("global-router", Plan::GlobalRouter(..))
-            | ("synth-trace", Plan::SynthTrace(..)) => true,
-            _ => false,
-        };
+                | ("frontend", Plan::Frontend(..))
+                | ("router", Plan::Router(..))
+                | ("sim", Plan::Sim(..))
+                | ("mocker", Plan::Mocker(..))
+                | ("engine", Plan::Engine(..))
+                | ("global-router", Plan::GlobalRouter(..))
+                | ("synth-trace", Plan::SynthTrace(..))
+        );
         assert!(matches, "{sub} planned as {plan:?}");
     }
 }
