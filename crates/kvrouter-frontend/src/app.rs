@@ -97,6 +97,8 @@ pub struct Frontend {
     tokenizing: tokio::sync::Semaphore,
     /// Set when this frontend stands in for an engine (`kvrouter mocker --openai-port`).
     facade: parking_lot::RwLock<Option<EngineFacade>>,
+    /// `--dyn-reasoning-parser`: chat answers split into reasoning and content.
+    reasoning: parking_lot::RwLock<Option<crate::reasoning::ReasoningFormat>>,
 }
 
 /// What a stand-in engine adds to the frontend: its load in the engine's own
@@ -147,12 +149,23 @@ impl Frontend {
                 std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
             ),
             facade: parking_lot::RwLock::new(None),
+            reasoning: parking_lot::RwLock::new(None),
         }))
     }
 
     /// Makes this frontend look like an engine from outside (see [`EngineFacade`]).
     pub fn set_engine_facade(&self, facade: EngineFacade) {
         *self.facade.write() = Some(facade);
+    }
+
+    /// Splits chat answers rendered here (mock and token-level workers) into
+    /// `reasoning_content` and `content` (`--dyn-reasoning-parser`).
+    pub fn set_reasoning_parser(&self, format: Option<crate::reasoning::ReasoningFormat>) {
+        *self.reasoning.write() = format;
+    }
+
+    pub(crate) fn reasoning_parser(&self) -> Option<crate::reasoning::ReasoningFormat> {
+        *self.reasoning.read()
     }
 
     /// The model served.

@@ -21,6 +21,7 @@ pub mod error;
 pub mod metrics;
 pub mod openai;
 pub(crate) mod passthrough;
+pub mod reasoning;
 pub mod serve;
 pub mod server;
 pub mod stop;

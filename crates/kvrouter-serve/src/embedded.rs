@@ -33,6 +33,8 @@ pub struct EmbeddedConfig {
     pub namespace: String,
     /// Chance a mock token ends its request.
     pub eos_probability: f64,
+    /// A testing aid: the tokens every answer is made of.
+    pub script: Option<Vec<u32>>,
 }
 
 /// The embedded deployment.
@@ -78,6 +80,7 @@ impl Embedded {
             durable_kv_events: false,
             role: Default::default(),
             zmq_events: None,
+            script: cfg.script.clone().map(Arc::new),
         };
         let mut me = Self {
             frontend,

@@ -61,6 +61,7 @@ async fn start(s: Setup) -> Server {
         http: HttpOptions::default(),
         namespace: "test".into(),
         eos_probability: 0.0,
+        script: None,
     };
     let embedded = Embedded::start(cfg, Arc::new(Preprocessor::builtin()), listener)
         .await

@@ -76,6 +76,23 @@ fn preprocessor(model: &ModelArgs, template: Option<&Path>) -> anyhow::Result<Ar
     }))
 }
 
+/// The tokens of `--mock-response-text`.
+fn script(pre: &Preprocessor, text: Option<&str>) -> anyhow::Result<Option<Vec<u32>>> {
+    text.map(|t| pre.encode(t).context("tokenizing --mock-response-text"))
+        .transpose()
+}
+
+/// `--dyn-reasoning-parser`, as the frontend's format.
+fn reasoning(r: &RuntimeArgs) -> Option<kvrouter_frontend::reasoning::ReasoningFormat> {
+    use crate::cli::args::ReasoningParser as P;
+    use kvrouter_frontend::reasoning::ReasoningFormat as F;
+    r.dyn_reasoning_parser.map(|p| match p {
+        P::DeepseekR1 => F::DeepseekR1,
+        P::Qwen3 => F::Qwen3,
+        P::Basic => F::Basic,
+    })
+}
+
 fn http_options(types: &[EndpointType], http: &HttpArgs) -> HttpOptions {
     let max_connections = match http.http_max_connections {
         Some(n) => n,
@@ -164,12 +181,17 @@ pub fn serve(
         http: http_options(&f.runtime.endpoint_types, &f.http),
         namespace: f.runtime.namespace.clone(),
         eos_probability: EOS_PROBABILITY,
+        script: script(&pre, args.engine.mock_response_text.as_deref())?,
     };
     runtime()?.block_on(async move {
         let listener = bind(&f.http.http_host, f.http.http_port).await?;
         let mut embedded = Embedded::start(cfg, pre, listener)
             .await
             .map_err(anyhow::Error::msg)?;
+        embedded
+            .frontend
+            .frontend
+            .set_reasoning_parser(reasoning(&f.runtime));
         let addr = embedded.frontend.addr;
         println!(
             "kvrouter serve: OpenAI API on http://{addr} — model {model}, {} mock workers, router mode {}",
@@ -342,6 +364,9 @@ pub fn frontend(
         )
         .await
         .map_err(anyhow::Error::msg)?;
+        handle
+            .frontend
+            .set_reasoning_parser(reasoning(&args.runtime));
         let how = if delegated {
             format!("routed by {endpoint}")
         } else {
@@ -386,6 +411,7 @@ pub fn mocker(args: &MockerArgs) -> anyhow::Result<()> {
         durable_kv_events: args.durable_kv_events,
         role: args.disaggregation_mode.into(),
         zmq_events,
+        script: script(&pre, args.engine.mock_response_text.as_deref())?.map(Arc::new),
     };
     runtime()?.block_on(async move {
         if let Some(port) = s.openai_port {

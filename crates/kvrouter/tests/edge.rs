@@ -578,3 +578,56 @@ async fn output_tokens_disconnects_context_length_and_uptime_are_exposed() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reasoning_is_split_from_content_in_answers_and_streams() {
+    let script = "<think>two and two make four</think>It is 4.";
+    let (mut child, url) = serve(&[
+        "--dyn-reasoning-parser",
+        "deepseek_r1",
+        "--mock-response-text",
+        script,
+    ])
+    .await;
+    let client = reqwest::Client::new();
+    let body = |stream: bool| {
+        json!({"model": "mock-model", "max_tokens": 100, "stream": stream,
+               "messages": [{"role": "user", "content": "what is two and two?"}]})
+    };
+    let r = client
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&body(false))
+        .send()
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap();
+    let m = &v["choices"][0]["message"];
+    assert_eq!(m["reasoning_content"], "two and two make four", "{v}");
+    assert_eq!(m["content"], "It is 4.", "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    // Streamed, token by token: markers cross chunk boundaries.
+    let text = client
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&body(true))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let (mut reasoning, mut content) = (String::new(), String::new());
+    for line in text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|l| *l != "[DONE]")
+    {
+        let v: Value = serde_json::from_str(line).unwrap();
+        let d = &v["choices"][0]["delta"];
+        reasoning.push_str(d["reasoning_content"].as_str().unwrap_or(""));
+        content.push_str(d["content"].as_str().unwrap_or(""));
+    }
+    assert_eq!(reasoning, "two and two make four", "{text}");
+    assert_eq!(content, "It is 4.", "{text}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -20,6 +20,7 @@ use crate::tokenizer::Detokenizer;
 
 use super::pipeline::{Job, Kind, Tracker, count_rejected};
 use super::{Backend, Frontend};
+use crate::reasoning::ReasoningSplitter;
 
 pub(super) async fn respond(
     s: Arc<Frontend>,
@@ -109,6 +110,11 @@ pub(super) async fn respond(
         pending_finish: None,
         last_ids: Vec::new(),
         return_token_ids: job.return_token_ids,
+        reasoning: match job.kind {
+            Kind::Chat => s.reasoning_parser().map(ReasoningSplitter::new),
+            Kind::Completion => None,
+        },
+        reasoning_text: String::new(),
         created: super::unix_now(),
         delivered: false,
     };
@@ -148,6 +154,10 @@ pub(super) struct Run {
     created: u64,
     /// The answer (or its error) reached the client's connection.
     delivered: bool,
+    /// `--dyn-reasoning-parser` on a chat answer.
+    reasoning: Option<ReasoningSplitter>,
+    /// Reasoning text not yet sent (streams) or the whole of it (unary).
+    reasoning_text: String,
 }
 
 impl Drop for Run {
@@ -206,7 +216,7 @@ impl Run {
                     return Step::Finished("stop");
                 }
                 match out.finish_reason {
-                    None => Step::Text(text),
+                    None => Step::Text(self.split(text, false)),
                     Some(r) => {
                         let reason = match r {
                             FinishReason::Length => "length",
@@ -216,6 +226,7 @@ impl Run {
                             _ => "stop",
                         };
                         text.push_str(&self.stop.flush());
+                        let text = self.split(text, true);
                         if text.is_empty() {
                             Step::Finished(reason)
                         } else {
@@ -227,6 +238,21 @@ impl Run {
                 }
             }
         }
+    }
+
+    /// The content part of `text`; its reasoning waits in `reasoning_text`.
+    fn split(&mut self, text: String, last: bool) -> String {
+        let Some(splitter) = self.reasoning.as_mut() else {
+            return text;
+        };
+        let mut part = splitter.push(&text);
+        if last {
+            let rest = splitter.finish();
+            part.reasoning.push_str(&rest.reasoning);
+            part.content.push_str(&rest.content);
+        }
+        self.reasoning_text.push_str(&part.reasoning);
+        part.content
     }
 
     fn usage(&self) -> Value {
@@ -256,6 +282,10 @@ impl Run {
                 let mut delta = serde_json::Map::new();
                 if role {
                     delta.insert("role".into(), json!("assistant"));
+                }
+                let reasoning = std::mem::take(&mut self.reasoning_text);
+                if !reasoning.is_empty() {
+                    delta.insert("reasoning_content".into(), json!(reasoning));
                 }
                 if let Some(t) = text {
                     delta.insert("content".into(), json!(t));
@@ -298,10 +328,13 @@ pub(super) async fn unary_response(mut run: Run) -> Response {
     run.delivered = true;
     run.finish();
     let choice = match run.kind {
-        Kind::Chat => json!({
-            "index": 0, "message": {"role": "assistant", "content": text},
-            "logprobs": null, "finish_reason": reason,
-        }),
+        Kind::Chat => {
+            let mut message = json!({"role": "assistant", "content": text});
+            if run.reasoning.is_some() {
+                message["reasoning_content"] = json!(std::mem::take(&mut run.reasoning_text));
+            }
+            json!({"index": 0, "message": message, "logprobs": null, "finish_reason": reason})
+        }
         Kind::Completion => json!({
             "index": 0, "text": text, "logprobs": null, "finish_reason": reason,
         }),
@@ -350,7 +383,9 @@ pub(super) fn stream_response(run: Run, include_usage: bool) -> Response {
                     return Some((e, (run, next, usage)));
                 }
                 match run.step().await {
-                    Step::Text(t) if t.is_empty() => Some((Vec::new(), (run, Phase::Body, usage))),
+                    Step::Text(t) if t.is_empty() && run.reasoning_text.is_empty() => {
+                        Some((Vec::new(), (run, Phase::Body, usage)))
+                    }
                     Step::Text(t) => {
                         let e = vec![event(&run.chunk(Some(&t), false, None))];
                         Some((e, (run, Phase::Body, usage)))

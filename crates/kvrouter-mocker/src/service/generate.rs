@@ -80,6 +80,8 @@ struct Generation {
     min_tokens: u32,
     ignore_eos: bool,
     eos_token: Option<u32>,
+    /// Scripted answer tokens (a testing aid), replacing the sampled ones.
+    script: Option<Arc<Vec<u32>>>,
     prompt_tokens: u32,
     max_tokens: u32,
     cancel: CancellationToken,
@@ -174,6 +176,7 @@ impl Handler for Ranks {
             min_tokens: req.stop_conditions.min_tokens.unwrap_or(0),
             ignore_eos: req.stop_conditions.ignore_eos.unwrap_or(false),
             eos_token: req.eos_token_ids.first().copied(),
+            script: self.cfg.script.clone(),
             prompt_tokens: prompt,
             max_tokens,
             cancel,
@@ -198,7 +201,14 @@ impl Handler for Ranks {
                 return Some((Err(e.to_wire()), None));
             };
             let generated = t.generated as u32;
-            let eos = !g.ignore_eos
+            // A scripted answer ends with its last token, as a stop.
+            let scripted = g.script.as_ref().map(|s| {
+                let i = (generated as usize).saturating_sub(1);
+                (s.get(i).copied(), i + 1 >= s.len())
+            });
+            let eos = scripted.is_some_and(|(_, last)| last)
+                || scripted.is_none()
+                    && !g.ignore_eos
                 // Never the first token: an answer is never empty.
                 && generated > g.min_tokens.max(1)
                 && g.rng.random::<f64>() < g.eos_probability;
@@ -209,8 +219,9 @@ impl Handler for Ranks {
             } else {
                 None
             };
-            let token = match (eos, g.eos_token) {
-                (true, Some(e)) => e,
+            let token = match (scripted, eos, g.eos_token) {
+                (Some((Some(t), _)), _, _) => t,
+                (None, true, Some(e)) => e,
                 _ => g.rng.random_range(g.vocab.clone()),
             };
             let mut out = LlmEngineOutput {

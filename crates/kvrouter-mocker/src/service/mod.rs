@@ -80,6 +80,9 @@ pub struct WorkerConfig {
     pub role: Role,
     /// Also publish KV events as vLLM does, on ZeroMQ (a stand-in engine).
     pub zmq_events: Option<ZmqEventsConfig>,
+    /// A testing aid: every answer is these tokens (then a stop), instead of
+    /// sampled ones (`--mock-response-text`).
+    pub script: Option<Arc<Vec<u32>>>,
 }
 
 impl Default for WorkerConfig {
@@ -96,6 +99,7 @@ impl Default for WorkerConfig {
             durable_kv_events: false,
             role: Role::Aggregated,
             zmq_events: None,
+            script: None,
         }
     }
 }

@@ -144,7 +144,9 @@ pub struct RuntimeArgs {
     /// Tool-call parser: not implemented, refused (the engine parses).
     #[arg(long, value_enum, help_heading = "Runtime")]
     pub dyn_tool_call_parser: Option<ToolCallParser>,
-    /// Reasoning parser: not implemented, refused (the engine parses).
+    /// Reasoning parser for chat answers kvrouter renders (`frontend`, `serve`
+    /// over mock or token-level workers): `reasoning_content` beside `content`.
+    /// Not with --engine: there the engine's own parser applies.
     #[arg(long, value_enum, help_heading = "Runtime")]
     pub dyn_reasoning_parser: Option<ReasoningParser>,
     /// Jinja chat template replacing the model's.
@@ -464,6 +466,10 @@ pub struct EngineArgs {
     /// Tokens per KV block.
     #[arg(long, default_value_t = 64, help_heading = "Mock engine")]
     pub block_size: u32,
+    /// A testing aid: every answer is this text (tokenized, then a stop)
+    /// instead of sampled tokens; for trying parsers end to end.
+    #[arg(long, value_name = "TEXT", help_heading = "Mock engine")]
+    pub mock_response_text: Option<String>,
     /// Requests running at once per rank.
     #[arg(long, default_value_t = 256, help_heading = "Mock engine")]
     pub max_num_seqs: u32,

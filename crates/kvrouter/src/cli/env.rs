@@ -177,6 +177,7 @@ pub const ENV: &[EnvVar] = &[
     value("model_name", &["DYN_MODEL_NAME"]),
     value("model_path", &["DYN_MODEL_PATH"]),
     value("context_length", &["DYN_CONTEXT_LENGTH"]),
+    value("mock_response_text", &["DYN_MOCK_RESPONSE_TEXT"]),
     value("migration_limit", &["DYN_MIGRATION_LIMIT"]),
     switch("enforce_disagg", &["DYN_ENFORCE_DISAGG"], None),
     // Standalone router.

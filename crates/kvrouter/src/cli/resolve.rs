@@ -193,27 +193,24 @@ fn unimplemented_problems(sub: &str, r: &RuntimeArgs, out: &mut Vec<Problem>) {
                 .into(),
         });
     }
-    for (id, what, set) in [
-        (
-            "dyn_tool_call_parser",
-            "tool-call",
-            r.dyn_tool_call_parser.is_some(),
-        ),
-        (
-            "dyn_reasoning_parser",
-            "reasoning",
-            r.dyn_reasoning_parser.is_some(),
-        ),
-    ] {
-        if set {
-            out.push(Problem {
-                flags: vec![flag(sub, id)],
-                message: format!(
-                    "{what} parsing is not implemented: with --engine, the engine's own \
-                     parser applies (start vLLM or SGLang with theirs); leave this flag out"
-                ),
-            });
-        }
+    if r.dyn_tool_call_parser.is_some() {
+        out.push(Problem {
+            flags: vec![flag(sub, "dyn_tool_call_parser")],
+            message: "tool-call parsing is not implemented: with --engine, the engine's own \
+                      parser applies (start vLLM or SGLang with theirs); leave this flag out"
+                .into(),
+        });
+    }
+    // The reasoning parser works where kvrouter renders answers: `frontend`
+    // and `serve` over mock or token-level workers (checked there, with --engine).
+    if r.dyn_reasoning_parser.is_some() && !matches!(sub, "frontend" | "serve") {
+        out.push(Problem {
+            flags: vec![flag(sub, "dyn_reasoning_parser")],
+            message: format!(
+                "`{sub}` renders no answers: give the reasoning parser to the frontend \
+                 (`kvrouter frontend` or `serve`)"
+            ),
+        });
     }
 }
 
@@ -684,6 +681,15 @@ fn frontend_settings(
     engine_set_problems(sub, a, explicit, p);
     must_exist(sub, "model_path", a.model.model_path.as_deref(), p);
     context_problems(sub, &a.model, p);
+    if a.runtime.dyn_reasoning_parser.is_some() && !a.engines.engines.is_empty() {
+        p.push(Problem {
+            flags: vec![flag(sub, "dyn_reasoning_parser"), flag(sub, "engines")],
+            message: "answers of --engine engines are passed through unchanged: start the \
+                      engine with its own reasoning parser (vLLM --reasoning-parser, SGLang \
+                      --reasoning-parser) and leave this flag out"
+                .into(),
+        });
+    }
     if a.routing.migration_limit > 0 && !a.engines.engines.is_empty() {
         p.push(Problem {
             flags: vec![flag(sub, "migration_limit"), flag(sub, "engines")],

@@ -189,6 +189,20 @@ fn flag_rows() -> Vec<(
             json!("prefill.router.generate"),
         ),
         (
+            "mock_response_text",
+            "mocker",
+            vec!["--mock-response-text", "hello"],
+            "mock_response_text",
+            json!("hello"),
+        ),
+        (
+            "dyn_reasoning_parser",
+            "frontend",
+            vec!["--dyn-reasoning-parser", "qwen3"],
+            "dyn_reasoning_parser",
+            json!("qwen3"),
+        ),
+        (
             "context_length",
             "frontend",
             vec!["--context-length", "131072"],
@@ -952,7 +966,7 @@ fn defaults_match_the_seed_documents() {
 }
 
 /// Reference flags parsed only to be refused with a reason (any value).
-const REFUSED: &[&str] = &["dyn_tool_call_parser", "dyn_reasoning_parser"];
+const REFUSED: &[&str] = &["dyn_tool_call_parser"];
 
 #[test]
 fn unimplemented_reference_flags_are_refused_by_flag_and_env() {
@@ -961,11 +975,6 @@ fn unimplemented_reference_flags_are_refused_by_flag_and_env() {
             &["--dyn-tool-call-parser", "hermes"][..],
             ("DYN_TOOL_CALL_PARSER", "hermes"),
             "--dyn-tool-call-parser",
-        ),
-        (
-            &["--dyn-reasoning-parser", "deepseek_r1"][..],
-            ("DYN_REASONING_PARSER", "deepseek_r1"),
-            "--dyn-reasoning-parser",
         ),
         (
             &["--connector", "none,nixl"][..],
@@ -1367,5 +1376,38 @@ fn every_service_subcommand_resolves_to_its_typed_plan() {
                 | ("synth-trace", Plan::SynthTrace(..))
         );
         assert!(matches, "{sub} planned as {plan:?}");
+    }
+}
+
+#[test]
+fn the_reasoning_parser_is_refused_where_no_answer_is_rendered() {
+    for (argv, flag) in [
+        (
+            vec!["kvrouter", "mocker", "--dyn-reasoning-parser", "basic"],
+            "--dyn-reasoning-parser",
+        ),
+        (
+            vec![
+                "kvrouter",
+                "frontend",
+                "--dyn-reasoning-parser",
+                "basic",
+                "--engine",
+                "http://127.0.0.1:8101",
+            ],
+            "--engine",
+        ),
+    ] {
+        let parsed = parse(argv.clone(), &env(&[])).unwrap();
+        let problems: Vec<String> = parsed
+            .resolve()
+            .expect_err("refused")
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        assert!(
+            problems.iter().any(|p| p.contains(flag)),
+            "{argv:?}: {problems:?}"
+        );
     }
 }
