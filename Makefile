@@ -87,10 +87,15 @@ interop:
 	KVROUTER_INTEROP=$(abspath $(OUT)/interop) KVROUTER_INTEROP_PYTHON=$(abspath $(OUT)/interop/venv/bin/python) \
 	  $(CARGO) test -p kvrouter-engines --test interop -- --ignored
 
-## The fault suite: workers killed under load and the like, over real etcd and NATS
-## (bounded: about a minute; ignored by a plain `cargo test`).
+## The fault suite, over real etcd and NATS (bounded: about two minutes): worker kill -9
+## with and without migration, SIGTERM drains, services leaving etcd, etcd replaced
+## (single server and a 3-member cluster), KV events lost or forged (NATS restart, gap
+## repair, restarted router, phantom workers), slow and malformed HTTP clients.
 faults:
 	$(CARGO) test -p kvrouter --test faults -- --ignored --nocapture
+	$(CARGO) test -p kvrouter-runtime --test etcd_heal
+	$(CARGO) test -p kvrouter-router --test recovery --test forged --test durable --test migrate
+	$(CARGO) test -p kvrouter --test edge
 
 ## The Kubernetes manifests, without a cluster: schemas (kubernetes-validate from the
 ## Python registry, installed once into out/), and every kvrouter container's flags
