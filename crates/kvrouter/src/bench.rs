@@ -19,7 +19,7 @@ use kvrouter_core::{ExternalSequenceBlockHash, LocalBlockHash};
 use kvrouter_kvops::{ReplayTarget, Workload, replay};
 
 /// `kvrouter bench` subcommands.
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum BenchCommand {
     /// Replay a kv-ops/1 file (from shared/tools/kv-ops-gen) against the KV index.
     Index(IndexArgs),
@@ -43,7 +43,7 @@ pub enum Backend {
 }
 
 /// `kvrouter bench index` flags.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct IndexArgs {
     /// The kv-ops/1 workload file.
     #[arg(long, value_name = "FILE")]

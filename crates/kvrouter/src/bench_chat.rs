@@ -24,7 +24,7 @@ use rand::{RngExt, SeedableRng};
 use serde_json::json;
 
 /// `kvrouter bench chat` flags.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct ChatArgs {
     /// Base URL of the OpenAI API.
     #[arg(long, default_value = "http://127.0.0.1:8000")]

@@ -30,7 +30,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 /// `kvrouter bench kv-hop` flags.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct HopArgs {
     /// Events to time.
     #[arg(long, default_value_t = 5000)]

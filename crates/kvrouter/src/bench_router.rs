@@ -35,7 +35,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 /// `kvrouter bench router` flags.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct RouterBenchArgs {
     /// Mooncake-style JSONL trace whose prompts fill the index and are queried.
     #[arg(long, value_name = "FILE")]

@@ -25,7 +25,7 @@ use serde_json::json;
 const TRACE_BLOCK: usize = 512;
 
 /// `kvrouter bench http` flags.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct HttpArgs {
     /// Base URL of the OpenAI API (`http://127.0.0.1:8000`).
     #[arg(long, default_value = "http://127.0.0.1:8000")]

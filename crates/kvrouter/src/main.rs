@@ -67,7 +67,7 @@ fn run(parsed: Parsed) -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    let result = match parsed.into_plan(resolved) {
+    let result = match resolved.plan {
         Plan::Bench(cmd) => bench::run(cmd),
         Plan::Sim(args, kv) => sim::run(&args, kv),
         Plan::SynthTrace(args) => sim::synth_trace(&args),

@@ -1,19 +1,19 @@
-//! The last stage of configuration: a parsed subcommand and its resolution
-//! become one typed [`Plan`] — each service with exactly the values it runs
-//! with — so `main` only matches and calls.
+//! The last stage of configuration: [`Parsed::resolve`](super::Parsed::resolve)
+//! validates a subcommand and builds one typed [`Plan`] — each service with
+//! exactly the values it runs with, nothing optional read back later — so
+//! `main` only matches and calls.
 
 use kvrouter_core::KvRouterConfig;
 use kvrouter_core::busy::LoadThresholds;
 
-use super::resolve::Resolved;
 use super::{
-    CallArgs, Command, EngineCmdArgs, FrontendArgs, GlobalRouterArgs, MockerArgs, Parsed,
-    RouterArgs, ServeArgs, SimArgs, SynthTraceArgs,
+    CallArgs, EngineCmdArgs, FrontendArgs, GlobalRouterArgs, MockerArgs, RouterArgs, ServeArgs,
+    SimArgs, SynthTraceArgs,
 };
 use crate::bench::BenchCommand;
 
 /// What to run.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Plan {
     /// `serve`: everything in one process.
     Serve(ServeArgs, KvRouterConfig, LoadThresholds),
@@ -37,31 +37,24 @@ pub enum Plan {
     Bench(BenchCommand),
 }
 
-impl Parsed {
-    /// Pairs the subcommand with what [`Parsed::resolve`] computed for it.
-    pub fn into_plan(self, r: Resolved) -> Plan {
-        let (kv, th) = r.into_router_settings();
-        match (self.command, kv, th) {
-            (Command::Serve(a), Some(kv), Some(th)) => Plan::Serve(a, kv, th),
-            (Command::Frontend(a), Some(kv), Some(th)) => Plan::Frontend(a, kv, th),
-            (Command::Router(a), Some(kv), None) => Plan::Router(a, kv),
-            (Command::Sim(a), Some(kv), None) => Plan::Sim(a, kv),
-            (Command::Mocker(a), None, None) => Plan::Mocker(a),
-            (Command::Engine(a), None, None) => Plan::Engine(a),
-            (Command::GlobalRouter(a), None, None) => Plan::GlobalRouter(a),
-            (Command::Call(a), None, None) => Plan::Call(a),
-            (Command::SynthTrace(a), None, None) => Plan::SynthTrace(a),
-            (Command::Bench(a), None, None) => Plan::Bench(a),
-            (c, kv, th) => unreachable!(
-                "resolve() gives a router configuration to serve, frontend, router and sim, \
-                 and thresholds to serve and frontend only (got {c:?} with {} and {})",
-                if kv.is_some() { "one" } else { "none" },
-                if th.is_some() {
-                    "thresholds"
-                } else {
-                    "no thresholds"
-                },
-            ),
+impl Plan {
+    /// The KV router configuration the plan runs with, for validation and the
+    /// configuration dump.
+    pub fn router_config(&self) -> Option<&KvRouterConfig> {
+        match self {
+            Plan::Serve(_, kv, _)
+            | Plan::Frontend(_, kv, _)
+            | Plan::Router(_, kv)
+            | Plan::Sim(_, kv) => Some(kv),
+            _ => None,
+        }
+    }
+
+    /// The busy thresholds the plan runs with (the HTTP frontends).
+    pub fn thresholds(&self) -> Option<&LoadThresholds> {
+        match self {
+            Plan::Serve(_, _, th) | Plan::Frontend(_, _, th) => Some(th),
+            _ => None,
         }
     }
 }

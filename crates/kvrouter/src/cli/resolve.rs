@@ -10,6 +10,7 @@ use kvrouter_mocker::sim::SimMode;
 use serde_json::{Map, Value, json};
 
 use super::args::{BusyArgs, KvArgs, QueueArgs, RuntimeArgs, StoreKv};
+use super::plan::Plan;
 use super::{Cli, Command, Parsed, Source};
 
 /// One invalid setting or combination, naming the flags to change.
@@ -27,25 +28,16 @@ impl std::fmt::Display for Problem {
     }
 }
 
-/// Validated settings of a service subcommand.
+/// Validated settings of a subcommand: the typed [`Plan`] it runs and, for
+/// `--dump-config-to`, every setting as JSON.
 #[derive(Debug, Clone)]
 pub struct Resolved {
     /// Subcommand name.
     pub subcommand: &'static str,
-    /// The KV router's configuration (frontend, router, serve, sim); read
-    /// through the typed [`super::plan::Plan`].
-    kv_router_config: Option<KvRouterConfig>,
-    /// Busy thresholds (frontend, serve).
-    thresholds: Option<LoadThresholds>,
+    /// What to run, with exactly the values it runs with.
+    pub plan: Plan,
     /// Every setting as JSON, keyed like the dump.
     pub settings: Map<String, Value>,
-}
-
-impl Resolved {
-    /// The router settings, for [`Parsed::into_plan`].
-    pub(super) fn into_router_settings(self) -> (Option<KvRouterConfig>, Option<LoadThresholds>) {
-        (self.kv_router_config, self.thresholds)
-    }
 }
 
 /// `KvRouterConfig` field → the argument ids that set it.
@@ -245,15 +237,14 @@ impl Parsed {
                 settings.extend(m);
             }
         };
-        let (sub, kv, th, block_size, store_kv): (&'static str, _, _, _, _) = match &self.command {
+        let (sub, plan, block_size, store_kv): (&'static str, Plan, _, _) = match &self.command {
             Command::Frontend(a) => {
                 let sub = "frontend";
                 let (kv, th, groups) = frontend_settings(sub, a, &explicit, &mut p);
                 groups.into_iter().for_each(&mut put);
                 (
                     sub,
-                    Some(kv),
-                    Some(th),
+                    Plan::Frontend(a.clone(), kv, th),
                     a.routing.kv_cache_block_size,
                     a.runtime.store_kv.or(Some(StoreKv::Etcd)),
                 )
@@ -280,8 +271,7 @@ impl Parsed {
                 put(json!(a.runtime));
                 (
                     sub,
-                    Some(kv_config(&a.kv, None)),
-                    None,
+                    Plan::Router(a.clone(), kv_config(&a.kv, None)),
                     Some(a.router_block_size),
                     a.runtime.store_kv.or(Some(StoreKv::Etcd)),
                 )
@@ -328,8 +318,7 @@ impl Parsed {
                 put(json!(a.runtime));
                 (
                     sub,
-                    None,
-                    None,
+                    Plan::GlobalRouter(a.clone()),
                     None,
                     a.runtime.store_kv.or(Some(StoreKv::Etcd)),
                 )
@@ -374,8 +363,7 @@ impl Parsed {
                 put(json!(a.runtime));
                 (
                     sub,
-                    None,
-                    None,
+                    Plan::Mocker(a.clone()),
                     Some(a.engine.block_size),
                     a.runtime.store_kv.or(Some(StoreKv::Etcd)),
                 )
@@ -448,7 +436,12 @@ impl Parsed {
                 } else {
                     Some(a.engine.block_size)
                 };
-                (sub, Some(kv), Some(th), block_size, Some(StoreKv::Mem))
+                (
+                    sub,
+                    Plan::Serve(a.clone(), kv, th),
+                    block_size,
+                    Some(StoreKv::Mem),
+                )
             }
             Command::Sim(a) => {
                 let sub = "sim";
@@ -495,8 +488,7 @@ impl Parsed {
                 );
                 (
                     sub,
-                    Some(kv_config(&a.kv, Some(&a.queue))),
-                    None,
+                    Plan::Sim(a.clone(), kv_config(&a.kv, Some(&a.queue))),
                     Some(a.engine.block_size),
                     None,
                 )
@@ -533,8 +525,7 @@ impl Parsed {
                 put(json!(a.runtime));
                 (
                     sub,
-                    None,
-                    None,
+                    Plan::Engine(a.clone()),
                     a.engine_block_size,
                     a.runtime.store_kv.or(Some(StoreKv::Etcd)),
                 )
@@ -567,8 +558,7 @@ impl Parsed {
                 put(json!(a.runtime));
                 (
                     sub,
-                    None,
-                    None,
+                    Plan::Call(a.clone()),
                     None,
                     a.runtime.store_kv.or(Some(StoreKv::Etcd)),
                 )
@@ -586,21 +576,20 @@ impl Parsed {
                     "shape": a.shape.to_string(), "requests": a.requests, "rate": a.rate,
                     "synth_seed": a.synth_seed, "out": a.out,
                 }));
-                (sub, None, None, None, None)
+                (sub, Plan::SynthTrace(a.clone()), None, None)
             }
-            Command::Bench(_) => {
+            Command::Bench(b) => {
                 return Ok(Resolved {
                     subcommand: "bench",
-                    kv_router_config: None,
-                    thresholds: None,
+                    plan: Plan::Bench(b.clone()),
                     settings,
                 });
             }
         };
-        if let Some(kv) = &kv {
+        if let Some(kv) = plan.router_config() {
             p.extend(config_problems(sub, kv.validate()));
         }
-        if let Some(th) = &th {
+        if let Some(th) = plan.thresholds() {
             for e in th.validate() {
                 p.push(Problem {
                     flags: e.fields.iter().map(|f| flag(sub, f)).collect(),
@@ -615,8 +604,7 @@ impl Parsed {
         }
         Ok(Resolved {
             subcommand: sub,
-            kv_router_config: kv,
-            thresholds: th,
+            plan,
             settings,
         })
     }
@@ -640,7 +628,7 @@ impl Parsed {
     pub fn dump(&self, r: &Resolved) -> Value {
         let mut sources = Map::new();
         let mut keys: Vec<String> = r.settings.keys().cloned().collect();
-        let kv = r.kv_router_config.as_ref().map(|c| json!(c));
+        let kv = r.plan.router_config().map(|c| json!(c));
         if let Some(Value::Object(m)) = &kv {
             keys.extend(m.keys().cloned());
         }
@@ -650,7 +638,7 @@ impl Parsed {
         json!({
             "subcommand": r.subcommand,
             "kv_router_config": kv,
-            "busy_thresholds": r.thresholds,
+            "busy_thresholds": r.plan.thresholds(),
             "settings": r.settings,
             "sources": sources,
         })

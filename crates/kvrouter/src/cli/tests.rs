@@ -1363,7 +1363,7 @@ fn every_service_subcommand_resolves_to_its_typed_plan() {
         argv.extend(base(sub));
         let parsed = parse(argv, &env(&[])).unwrap();
         let resolved = parsed.resolve().unwrap_or_else(|p| panic!("{sub}: {p:?}"));
-        let plan = parsed.into_plan(resolved);
+        let plan = resolved.plan;
         let matches = matches!(
             (sub, &plan),
             ("serve", Plan::Serve(..))
