@@ -23,6 +23,7 @@
 pub mod blocks;
 pub mod engine;
 pub mod perf;
+pub mod plot;
 pub mod query;
 pub mod report;
 pub mod service;

@@ -58,8 +58,9 @@ pub fn run(args: &SimArgs, router: KvRouterConfig) -> anyhow::Result<ExitCode> {
             engine.num_gpu_blocks,
             args.speedup
         );
-        std::fs::write(path, report::svg(&reports, &title))
-            .with_context(|| format!("writing {}", path.display()))?;
+        let svg = kvrouter_mocker::plot::svg(&reports, &title)
+            .map_err(|e| anyhow::anyhow!("drawing the plot: {e}"))?;
+        std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(ExitCode::SUCCESS)
 }
